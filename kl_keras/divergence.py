@@ -120,9 +120,9 @@ def bernoulli_kl(rho, rho_hat):
     kl = rho * log(rho / rho_hat) + (1 - rho) * log((1 - rho) / (1 - rho_hat))
     ```
 
-    `rho` is a Python float strictly inside (0, 1). `rho_hat` is clipped to
-    `[epsilon, 1 - epsilon]` (with `keras.config.epsilon()`) in the forward
-    pass, with the gradient kept (see `clip_keep_gradient`), so saturated or
+    `rho` is a Python float strictly inside (0, 1). `rho_hat` and
+    `1 - rho_hat` are clipped to `[epsilon, 1 - epsilon]` (with
+    `keras.config.epsilon()`) in the forward pass, with the gradient kept (see `clip_keep_gradient`), so saturated or
     out-of-range means give a large finite value that still has a gradient.
 
     Args:
@@ -133,7 +133,7 @@ def bernoulli_kl(rho, rho_hat):
         A tensor shaped like `rho_hat`, every entry >= 0.
     """
     epsilon = keras.config.epsilon()
-    rho_hat = clip_keep_gradient(rho_hat, epsilon, 1.0 - epsilon)
-    return rho * ops.log(rho / rho_hat) + (1.0 - rho) * ops.log(
-        (1.0 - rho) / (1.0 - rho_hat)
-    )
+    # 1 - rho_hat is clipped on its own: in float32, 1 - (1 - 1e-7) is 1.19e-7.
+    on = clip_keep_gradient(rho_hat, epsilon, 1.0 - epsilon)
+    off = clip_keep_gradient(1.0 - rho_hat, epsilon, 1.0 - epsilon)
+    return rho * ops.log(rho / on) + (1.0 - rho) * ops.log((1.0 - rho) / off)
