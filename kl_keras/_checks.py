@@ -9,8 +9,7 @@ import numpy as np
 
 def _invalid(name, expected, value):
     return ValueError(
-        f"Invalid value for argument `{name}`. Expected {expected}. "
-        f"Received: {name}={value!r}"
+        f"Invalid value for argument `{name}`. Expected {expected}. Received: {name}={value!r}"
     )
 
 
@@ -69,7 +68,7 @@ def broadcast_rank(y_true_shape, y_pred_shape):
     rank = max(len(y_true_shape), len(y_pred_shape))
     padded_true = (1,) * (rank - len(y_true_shape)) + tuple(y_true_shape)
     padded_pred = (1,) * (rank - len(y_pred_shape)) + tuple(y_pred_shape)
-    for a, b in zip(padded_true, padded_pred):
+    for a, b in zip(padded_true, padded_pred, strict=True):
         if a is not None and b is not None and a != b and 1 not in (a, b):
             raise ValueError(
                 "`y_true` and `y_pred` must have broadcastable shapes. Received: "

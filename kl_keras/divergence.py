@@ -122,8 +122,9 @@ def bernoulli_kl(rho, rho_hat):
 
     `rho` is a Python float strictly inside (0, 1). `rho_hat` and
     `1 - rho_hat` are clipped to `[epsilon, 1 - epsilon]` (with
-    `keras.config.epsilon()`) in the forward pass, with the gradient kept (see `clip_keep_gradient`), so saturated or
-    out-of-range means give a large finite value that still has a gradient.
+    `keras.config.epsilon()`) in the forward pass, with the gradient kept
+    (see `clip_keep_gradient`), so saturated or out-of-range means give a
+    large finite value that still has a gradient.
 
     Args:
         rho: the target activation, a float in (0, 1).

@@ -61,9 +61,9 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
 
     >>> import numpy as np
     >>> reg = KLActivityRegularizer(rho=0.05, beta=0.01)
-    >>> activations = np.full((8, 4), 0.05, dtype="float32")
-    >>> round(float(reg.penalty(activations)), 6)
-    0.0
+    >>> activations = np.full((8, 4), 0.5, dtype="float32")  # 4 units, mean 0.5
+    >>> round(float(reg.penalty(activations)), 4)  # 0.01 * 4 * KL(0.05 ‖ 0.5)
+    0.0198
     """
 
     def __init__(self, rho=0.05, beta=0.01):

@@ -5,7 +5,6 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-
 def _fresh_keras_state():
     """Every test starts from the default float policy and a cleared session."""
     keras.config.set_dtype_policy("float32")

@@ -60,8 +60,9 @@ def test_logits_match_scipy(shape, zero_fraction):
     p = random_distributions(shape, zero_fraction)
     z = RNG.normal(scale=3.0, size=shape).astype("float32")
     loss = to_numpy(kl_divergence(p, z, from_logits=True))
-    np.testing.assert_allclose(loss, reference_kl(p, softmax(np.float64(z), axis=-1)),
-                               rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loss, reference_kl(p, softmax(np.float64(z), axis=-1)), rtol=2e-5, atol=1e-6
+    )
 
 
 def test_zero_targets_are_exact():
@@ -70,8 +71,9 @@ def test_zero_targets_are_exact():
     assert np.all(to_numpy(kl_divergence(eye, eye)) == 0.0)
     # KL(one-hot ‖ uniform over 10) = log 10; Keras's clipping gives 2.3025725.
     uniform = np.full((10, 10), 0.1, dtype="float32")
-    np.testing.assert_allclose(to_numpy(kl_divergence(eye, uniform)), math.log(10),
-                               rtol=float(np.finfo("float32").eps))
+    np.testing.assert_allclose(
+        to_numpy(kl_divergence(eye, uniform)), math.log(10), rtol=float(np.finfo("float32").eps)
+    )
     # An all-zero target contributes exactly 0 (Keras: -3.08e-06).
     assert to_numpy(kl_divergence([[0.0, 0.0]], [[0.3, 0.7]]))[0] == 0.0
 
@@ -148,7 +150,7 @@ def test_reductions_with_sample_weights(reduction, reduce):
 @pytest.mark.parametrize("axis", [0, 1, -2])
 def test_axis(axis, from_logits):
     p = random_distributions((4, 5, 3), zero_fraction=0.3, axis=axis)
-    y = (RNG.normal(size=(4, 5, 3)) if from_logits else random_distributions((4, 5, 3), axis=axis))
+    y = RNG.normal(size=(4, 5, 3)) if from_logits else random_distributions((4, 5, 3), axis=axis)
     y = y.astype("float32")
     loss = to_numpy(kl_divergence(p, y, from_logits=from_logits, axis=axis))
     q = softmax(np.float64(y), axis=axis) if from_logits else y
@@ -180,9 +182,7 @@ def test_logit_gradient_is_softmax_minus_target_times_reduction_scale():
 def test_confidently_wrong_logits_do_not_stall():
     p = np.array([[1.0, 0.0, 0.0]], dtype="float32")
     z = np.array([[-20.0, 20.0, 0.0]], dtype="float32")
-    value, (_, grad_z) = value_and_grad(
-        lambda t, y: kl_divergence(t, y, from_logits=True), p, z
-    )
+    value, (_, grad_z) = value_and_grad(lambda t, y: kl_divergence(t, y, from_logits=True), p, z)
     expected = -log_softmax(np.float64(z), axis=-1)[0, 0]  # 40.000000002
     np.testing.assert_allclose(value, expected, rtol=1e-6)
     np.testing.assert_allclose(grad_z, [[-1.0, 1.0, 0.0]], atol=1e-6)
@@ -203,9 +203,7 @@ def test_masked_logits_are_finite():
 def test_large_finite_logits_are_finite():
     p = random_distributions((3, 5), zero_fraction=0.3)
     z = (RNG.normal(size=(3, 5)) * 1e4).astype("float32")
-    value, (_, grad_z) = value_and_grad(
-        lambda t, y: kl_divergence(t, y, from_logits=True), p, z
-    )
+    value, (_, grad_z) = value_and_grad(lambda t, y: kl_divergence(t, y, from_logits=True), p, z)
     assert np.isfinite(value) and np.all(np.isfinite(grad_z))
 
 
@@ -226,9 +224,7 @@ def test_gradient_matches_finite_differences(from_logits):
         def reference(p64, y64):
             return np.sum(rel_entr(p64, y64), axis=-1)
 
-    _, (_, grad_y) = value_and_grad(
-        lambda t, q: kl_divergence(t, q, from_logits=from_logits), p, y
-    )
+    _, (_, grad_y) = value_and_grad(lambda t, q: kl_divergence(t, q, from_logits=from_logits), p, y)
     expected = central_differences(lambda y64: reference(np.float64(p), y64), y)
     np.testing.assert_allclose(grad_y, expected, rtol=1e-4, atol=1e-5)
 
@@ -248,8 +244,9 @@ def test_half_precision_inputs(dtype, from_logits):
     )
     assert keras.backend.standardize_dtype(half.dtype) == dtype
     tolerance = {"float16": 5e-3, "bfloat16": 4e-2}[dtype]
-    np.testing.assert_allclose(to_numpy(keras.ops.cast(half, "float32")), full,
-                               rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(half, "float32")), full, rtol=tolerance, atol=tolerance
+    )
 
 
 def test_half_precision_is_computed_in_float32():
@@ -271,8 +268,11 @@ def test_dtype_argument_behaves_as_in_keras(dtype):
     assert keras.backend.standardize_dtype(value.dtype) == keras.backend.standardize_dtype(
         expected.dtype
     )
-    np.testing.assert_allclose(to_numpy(keras.ops.cast(value, "float32")),
-                               to_numpy(keras.ops.cast(expected, "float32")), rtol=1e-2)
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(value, "float32")),
+        to_numpy(keras.ops.cast(expected, "float32")),
+        rtol=1e-2,
+    )
 
 
 def test_integer_targets_are_cast():

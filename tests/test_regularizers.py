@@ -51,8 +51,9 @@ def test_equals_the_seed_formula_users_copy():
 def test_rank_one_activations_are_one_unit():
     x = RNG.random(9).astype("float32")
     penalty = KLActivityRegularizer(rho=0.1, beta=1.0).penalty(x)
-    np.testing.assert_allclose(to_numpy(penalty), reference_penalty(x[:, None], 0.1, 1.0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(penalty), reference_penalty(x[:, None], 0.1, 1.0), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
@@ -62,8 +63,9 @@ def test_model_losses_hold_the_penalty_at_every_batch_size(batch_size):
     x = RNG.normal(size=(batch_size, 4)).astype("float32")
     out = layer(x)
     (loss,) = layer.losses
-    np.testing.assert_allclose(to_numpy(loss), reference_penalty(to_numpy(out), 0.1, 0.5),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(loss), reference_penalty(to_numpy(out), 0.1, 0.5), rtol=1e-5
+    )
 
 
 def test_direct_call_is_what_keras_expects():
@@ -201,14 +203,21 @@ def test_regularized_layers_train(kind):
     x = digits()[:128].reshape(128, 8, 8, 1)
     y = keras.ops.one_hot(load_digits().target[:128], 10)
     layers = {
-        "dense": [keras.layers.Flatten(),
-                  keras.layers.Dense(16, activation="sigmoid", activity_regularizer=reg)],
-        "conv2d": [keras.layers.Conv2D(4, 3, activation="sigmoid", activity_regularizer=reg),
-                   keras.layers.Flatten()],
-        "lstm": [keras.layers.Reshape((8, 8)),
-                 keras.layers.LSTM(8, activation="sigmoid", return_sequences=True,
-                                   activity_regularizer=reg),
-                 keras.layers.Flatten()],
+        "dense": [
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="sigmoid", activity_regularizer=reg),
+        ],
+        "conv2d": [
+            keras.layers.Conv2D(4, 3, activation="sigmoid", activity_regularizer=reg),
+            keras.layers.Flatten(),
+        ],
+        "lstm": [
+            keras.layers.Reshape((8, 8)),
+            keras.layers.LSTM(
+                8, activation="sigmoid", return_sequences=True, activity_regularizer=reg
+            ),
+            keras.layers.Flatten(),
+        ],
     }[kind]
     inputs = keras.Input((8, 8, 1))
     hidden = inputs
