@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from kl_keras import _checks
+from kl_keras._distribute import global_mean
 from kl_keras.divergence import bernoulli_kl, computation_dtype
 
 
@@ -41,7 +42,10 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
     output `(batch,)` is one unit. `ρ̂` is clipped to `[ε, 1 - ε]`
     (`ε = keras.config.epsilon()`) with its gradient kept, so saturated
     sigmoids, ReLU outputs above 1 and all-zero batches give a finite
-    penalty. float16 and bfloat16 activations are computed in float32. The
+    penalty. float16 and bfloat16 activations are computed in float32. Under
+    `tf.distribute` strategies `ρ̂_j` is the mean over the global batch (an
+    all-reduce across replicas), as under JAX's `keras.distribution`: a
+    per-replica mean would be a different, biased penalty. The
     activations should lie in [0, 1] (sigmoid, or ReLU that stays small):
     the penalty treats `ρ̂_j` as a firing probability.
 
@@ -87,7 +91,7 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
             )
         x = ops.cast(x, computation_dtype(x.dtype))
         mean_axes = tuple(range(max(len(x.shape) - 1, 1)))
-        rho_hat = ops.mean(x, axis=mean_axes)
+        rho_hat = global_mean(x, axis=mean_axes)
         return self.beta * ops.sum(bernoulli_kl(self.rho, rho_hat))
 
     def __call__(self, x):

@@ -1,0 +1,139 @@
+"""Real distribution engines give the same training run as one device.
+
+Each engine needs its devices set up before its framework starts, so each run is a
+fresh Python process: tf.distribute.MirroredStrategy over two logical CPUs, and
+keras.distribution.DataParallel over two JAX host devices.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import BACKEND, run_in_fresh_process
+
+# Shared by both engines: a student distilled from a teacher's soft labels, with a
+# sparsity penalty on its hidden layer. `train(initial_weights)` returns per-epoch
+# losses and final weights; `penalty_gap` measures what a per-replica mean would cost.
+COMMON = """
+import json
+import numpy as np
+import keras
+import kl_keras
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(512, 20)).astype("float32")
+teacher_logits = x @ rng.normal(size=(20, 6))
+y = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
+y = (y / y.sum(-1, keepdims=True)).astype("float32")
+regularizer = kl_keras.KLActivityRegularizer(rho=0.1, beta=1.0)
+
+
+def kl(y_true, y_pred):
+    # A function metric: under tf.distribute Keras scales a Loss object by
+    # 1/replicas inside Loss.__call__, also when it is used as a metric.
+    return kl_keras.kld(y_true, y_pred, from_logits=True)
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((20,))
+    hidden = keras.layers.Dense(
+        32, activation="sigmoid", activity_regularizer=regularizer, name="hidden"
+    )(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(6)(hidden))
+    model.compile(
+        keras.optimizers.SGD(0.5),
+        loss=kl_keras.KLDivergence(from_logits=True),
+        metrics=[kl],
+    )
+    return model
+
+
+def train(model, initial_weights):
+    model.set_weights(initial_weights)
+    history = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    return history.history, [np.asarray(w).tolist() for w in model.get_weights()]
+
+
+def penalty_gap(model):
+    # Loss on one global batch of 32 with the global mean, against the mean of the
+    # losses of its two halves of 16, each with its own per-replica mean.
+    encoder = keras.Model(model.inputs, model.get_layer("hidden").output)
+    h = np.asarray(encoder(x[:32]))
+    kl = float(kl_keras.KLDivergence(from_logits=True)(y[:32], model(x[:32])))
+    global_loss = kl + float(regularizer.penalty(h))
+    per_replica = kl + (float(regularizer.penalty(h[:16])) + float(regularizer.penalty(h[16:]))) / 2
+    return abs(per_replica - global_loss) / global_loss
+"""
+
+MIRRORED = """
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+{common}
+one_device = build()
+initial = one_device.get_weights()
+losses_one, weights_one = train(one_device, initial)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = build()
+losses_two, weights_two = train(mirrored, initial)
+print(json.dumps({{
+    "replicas": strategy.num_replicas_in_sync,
+    "one": [losses_one, weights_one],
+    "two": [losses_two, weights_two],
+    "gap": penalty_gap(one_device),
+}}))
+"""
+
+DATA_PARALLEL = """
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+{common}
+one_device = build()
+initial = one_device.get_weights()
+losses_one, weights_one = train(one_device, initial)
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+parallel = build()
+losses_two, weights_two = train(parallel, initial)
+print(json.dumps({{
+    "replicas": len(jax.devices()),
+    "one": [losses_one, weights_one],
+    "two": [losses_two, weights_two],
+    "gap": penalty_gap(one_device),
+}}))
+"""
+
+
+def assert_same_run(report, histories):
+    assert report["replicas"] == 2
+    (history_one, weights_one), (history_two, weights_two) = report["one"], report["two"]
+    for name in histories:
+        np.testing.assert_allclose(history_two[name], history_one[name], rtol=1e-4)
+    for one, two in zip(weights_one, weights_two, strict=True):
+        np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-6)
+    # The check is sharp enough to see a per-replica mean: that would move the loss
+    # by more than the 1e-4 tolerance above (and the weights by about 3e-2).
+    assert report["gap"] > 1e-4, report["gap"]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on the TF backend")
+def test_mirrored_strategy_matches_one_device(tmp_path):
+    output = run_in_fresh_process(MIRRORED.format(common=COMMON), cwd=tmp_path)
+    # Not the displayed "loss": under tf.distribute Keras 3 keeps one list of layer
+    # losses for all replica threads, and a layer that synchronises replicas (ours, or
+    # Keras's BatchNormalization(synchronized=True) with any activity regularizer) lets
+    # one replica's penalty be summed into another replica's displayed loss. Gradients
+    # use only each replica's own term, so the weights and the metrics are exact.
+    assert_same_run(json.loads(output.strip().splitlines()[-1]), histories=["kl"])
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on the JAX backend")
+def test_jax_data_parallel_matches_one_device(tmp_path):
+    output = run_in_fresh_process(DATA_PARALLEL.format(common=COMMON), cwd=tmp_path)
+    assert_same_run(json.loads(output.strip().splitlines()[-1]), histories=["loss", "kl"])
