@@ -49,13 +49,13 @@ def value_and_grad(fn, *args):
     return to_numpy(value), [None if g is None else to_numpy(g) for g in grads]
 
 
-def run_in_fresh_process(code, cwd, timeout=600):
-    """Runs `code` in a new Python process with this backend; returns its stdout.
+def run_in_fresh_process(code, cwd, backend=BACKEND, timeout=600):
+    """Runs `code` in a new Python process with `backend`; returns its stdout.
 
-    The child sees the same `KERAS_BACKEND` and nothing of this process's state,
-    as a user loading a saved model in a new session would.
+    The child sees nothing of this process's state, as a user loading a saved model
+    in a new session would.
     """
-    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=cwd,
