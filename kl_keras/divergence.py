@@ -58,14 +58,32 @@ def _target_terms(y_true, log_ratio):
     """`y_true * log_ratio(safe_y_true)` with `0 * log(0) = 0` exactly.
 
     `log_ratio` receives `y_true` with its zeros replaced by ones, so that no
-    `log(0)` is ever evaluated, neither in the value nor in the gradient.
-    Where `y_true == 0` the log ratio is replaced by 0 before the product, so
-    the term is an exact 0 even if the log ratio there is infinite (a masked
-    logit) and both gradients through it are 0.
+    `log(0)` is ever evaluated. Where `y_true == 0` the log ratio is replaced
+    by 0 before the product, so the term is an exact 0 even if the log ratio
+    there is infinite (a masked logit).
     """
     is_zero = ops.equal(y_true, 0)
     safe_true = ops.where(is_zero, ops.ones_like(y_true), y_true)
     return y_true * ops.where(is_zero, ops.zeros_like(y_true), log_ratio(safe_true))
+
+
+def _target_gradient(y_true, log_ratio):
+    """d KL / d y_true = log_ratio + 1 where `y_true > 0`, and 0 where `y_true == 0`.
+
+    The true derivative is -inf at 0; 0 keeps gradients through a teacher's
+    probabilities finite.
+    """
+    is_zero = ops.equal(y_true, 0)
+    safe_true = ops.where(is_zero, ops.ones_like(y_true), y_true)
+    return ops.where(is_zero, ops.zeros_like(y_true), log_ratio(safe_true) + 1.0)
+
+
+def _unpack_upstream(args, upstream):
+    # The gradient function is called as grad(upstream) on TensorFlow and JAX and
+    # as grad(*inputs, upstream=upstream) on PyTorch.
+    if upstream is None:
+        (upstream,) = args
+    return upstream
 
 
 def kl_from_probabilities(y_true, y_pred, axis=-1):
@@ -75,18 +93,34 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
     loss = sum(y_true * log(y_true / max(y_pred, epsilon)), axis=axis)
     ```
 
+    The gradient is written out rather than traced, so nothing but the inputs
+    is kept for the backward pass: `-y_true / max(y_pred, epsilon)` with respect
+    to `y_pred` (never 0 where `y_true > 0`, also below the floor), and
+    `log(y_true / max(y_pred, epsilon)) + 1` with respect to `y_true`.
+
     Args:
-        y_true: target probabilities, floating point.
-        y_pred: predicted probabilities, floating point, broadcastable
-            against `y_true`.
+        y_true: target probabilities, floating point, the shape of `y_pred`.
+        y_pred: predicted probabilities, floating point.
         axis: the axis that holds the distributions.
 
     Returns:
-        The divergences, with `axis` removed from the broadcast shape.
+        The divergences, with `axis` removed.
     """
-    safe_pred = clip_keep_gradient(y_pred, keras.config.epsilon())
-    terms = _target_terms(y_true, lambda t: ops.log(t / safe_pred))
-    return ops.sum(terms, axis=axis)
+
+    @ops.custom_gradient
+    def divergence(y_true, y_pred):
+        safe_pred = ops.maximum(y_pred, keras.config.epsilon())
+        loss = ops.sum(_target_terms(y_true, lambda t: ops.log(t / safe_pred)), axis=axis)
+
+        def gradient(*args, upstream=None):
+            upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
+            safe_pred = ops.maximum(y_pred, keras.config.epsilon())
+            grad_true = _target_gradient(y_true, lambda t: ops.log(t / safe_pred))
+            return upstream * grad_true, upstream * (-y_true / safe_pred)
+
+        return loss, gradient
+
+    return divergence(y_true, y_pred)
 
 
 def kl_from_logits(y_true, logits, axis=-1):
@@ -97,20 +131,35 @@ def kl_from_logits(y_true, logits, axis=-1):
     ```
 
     Nothing is clipped: the value is finite for every finite logit, a logit
-    of `-inf` is allowed wherever `y_true` is 0, and the gradient with respect
-    to the logits is `softmax(logits) * sum(y_true) - y_true`.
+    of `-inf` is allowed wherever `y_true` is 0. The gradient is written out:
+    `softmax(logits) * sum(y_true) - y_true` with respect to the logits and
+    `log(y_true) - log_softmax(logits) + 1` with respect to `y_true`; the
+    backward pass keeps only the inputs and one log-sum-exp per distribution.
 
     Args:
-        y_true: target probabilities, floating point.
-        logits: unnormalised log-probabilities, broadcastable against `y_true`.
+        y_true: target probabilities, floating point, the shape of `logits`.
+        logits: unnormalised log-probabilities.
         axis: the axis that holds the distributions.
 
     Returns:
-        The divergences, with `axis` removed from the broadcast shape.
+        The divergences, with `axis` removed.
     """
-    log_pred = ops.log_softmax(logits, axis=axis)
-    terms = _target_terms(y_true, lambda t: ops.log(t) - log_pred)
-    return ops.sum(terms, axis=axis)
+
+    @ops.custom_gradient
+    def divergence(y_true, logits):
+        log_normalizer = ops.logsumexp(logits, axis=axis, keepdims=True)
+        log_ratio = lambda t: ops.log(t) - (logits - log_normalizer)  # noqa: E731
+        loss = ops.sum(_target_terms(y_true, log_ratio), axis=axis)
+
+        def gradient(*args, upstream=None):
+            upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
+            total = ops.sum(y_true, axis=axis, keepdims=True)
+            grad_logits = ops.exp(logits - log_normalizer) * total - y_true
+            return upstream * _target_gradient(y_true, log_ratio), upstream * grad_logits
+
+        return loss, gradient
+
+    return divergence(y_true, logits)
 
 
 def bernoulli_kl(rho, rho_hat):
