@@ -18,7 +18,8 @@ def kl_table(result):
     lines = [
         f"**{result['backend']}** ({result['mode']}), Keras {result['keras']}",
         "",
-        "| size | contender | median ms | × memory floor | × what it replaces | temp memory × one input |",
+        "| size | contender | median ms | × memory floor | × what it replaces "
+        "| temp memory × one input |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for size, entry in result["sizes"].items():
