@@ -48,16 +48,20 @@ def check_real(name, value, expected, is_valid):
 
 
 def check_config(cls, config):
-    """Refuses a config for `cls` that is not a dict or has unknown keys."""
+    """Refuses a config for `cls` that is not a dict, or lacks or adds keys.
+
+    `get_config()` writes every constructor argument, so a config missing one
+    was not written by kl_keras and is refused rather than silently defaulted.
+    """
     if not isinstance(config, dict):
         raise _wrong_type("config", f"a dict of {cls.__name__} arguments", config)
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(
-            f"Invalid config for {cls.__name__}: unknown keys {unknown}. "
-            f"Expected keys among {sorted(allowed)}. Received: config={config!r}"
-        )
+    expected = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    for problem, keys in (("unknown", set(config) - expected), ("missing", expected - set(config))):
+        if keys:
+            raise ValueError(
+                f"Invalid config for {cls.__name__}: {problem} keys {sorted(keys)}. "
+                f"Expected the keys {sorted(expected)}. Received: config={config!r}"
+            )
 
 
 def broadcast_rank(y_true_shape, y_pred_shape):

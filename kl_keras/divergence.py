@@ -10,8 +10,9 @@ Numerical conventions, shared by every function in this module:
 - `0 * log(0) = 0` exactly: a zero in the target distribution contributes a
   zero term and a zero gradient, with no clipping of the target.
 - Probabilities that enter a logarithm as a denominator are floored at
-  `keras.config.epsilon()` (`1e-7` by default) in the forward pass only: the
-  gradient passes through the floor unchanged, so it never becomes zero.
+  `keras.config.epsilon()` (`1e-7` by default); the gradient is that of the
+  log at the floored value, so it never becomes zero. Negative or NaN
+  probabilities give NaN, never a plausible number.
 - float16 and bfloat16 inputs are computed in float32.
 
 Reference: S. Kullback and R. A. Leibler, "On Information and Sufficiency",
@@ -38,19 +39,20 @@ def computation_dtype(dtype):
     return keras.config.floatx()
 
 
-def clip_keep_gradient(x, min_value, max_value=None):
+def clip_keep_gradient(x, min_value, max_value):
     """`clip(x, min_value, max_value)` whose gradient is that of `x` itself.
 
-    With `max_value=None` only the floor is applied. The forward value is
-    exactly the clipped one, taken with no gradient; `x - stop_gradient(x)`
-    adds an exact zero that carries the identity gradient. A clipped log
-    therefore still pulls a value that left the interval back into it, where
-    a plain clip would return a zero gradient and stall training.
+    The forward value is exactly the clipped one, taken with no gradient;
+    `x - stop_gradient(x)` adds an exact zero that carries the identity
+    gradient. A clipped log therefore still pulls a value that left the
+    interval back into it, where a plain clip would return a zero gradient and
+    stall training.
     """
-    if max_value is None:
-        clipped = ops.maximum(x, min_value)
-    else:
-        clipped = ops.clip(x, min_value, max_value)
+    # Written with `where` (not `clip`) so that NaN stays NaN on every backend and
+    # float64 stays float64 (Keras's torch backend clips float64 in float32).
+    min_value = ops.convert_to_tensor(min_value, dtype=x.dtype)
+    max_value = ops.convert_to_tensor(max_value, dtype=x.dtype)
+    clipped = ops.where(x < min_value, min_value, ops.where(x > max_value, max_value, x))
     return ops.stop_gradient(clipped) + (x - ops.stop_gradient(x))
 
 
@@ -86,6 +88,19 @@ def _unpack_upstream(args, upstream):
     return upstream
 
 
+def _floor_probabilities(y_pred):
+    """`max(y_pred, epsilon)`, with NaN for negative or NaN `y_pred`.
+
+    The floor only lifts zeros and underflows; a negative probability is a bug
+    upstream and must not be turned into a plausible number.
+    """
+    # Written with `where` (not `maximum`): float64 stays float64 on Keras's
+    # torch backend, which computes maximum(float64, float64) in float32.
+    epsilon = ops.convert_to_tensor(keras.config.epsilon(), dtype=y_pred.dtype)
+    nan = ops.convert_to_tensor(float("nan"), dtype=y_pred.dtype)
+    return ops.where(y_pred >= epsilon, y_pred, ops.where(y_pred >= 0, epsilon, nan))
+
+
 def kl_from_probabilities(y_true, y_pred, axis=-1):
     """KL(y_true ‖ y_pred) for two tensors of probabilities.
 
@@ -93,9 +108,10 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
     loss = sum(y_true * log(y_true / max(y_pred, epsilon)), axis=axis)
     ```
 
-    The gradient is written out rather than traced, so nothing but the inputs
-    is kept for the backward pass: `-y_true / max(y_pred, epsilon)` with respect
-    to `y_pred` (never 0 where `y_true > 0`, also below the floor), and
+    Negative or NaN entries of `y_pred` give NaN. The gradient is written out
+    rather than traced, so nothing but the inputs is kept for the backward
+    pass: `-y_true / max(y_pred, epsilon)` with respect to `y_pred` (never 0
+    where `y_true > 0`, also below the floor), and
     `log(y_true / max(y_pred, epsilon)) + 1` with respect to `y_true`.
 
     Args:
@@ -109,12 +125,12 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
 
     @ops.custom_gradient
     def divergence(y_true, y_pred):
-        safe_pred = ops.maximum(y_pred, keras.config.epsilon())
+        safe_pred = _floor_probabilities(y_pred)
         loss = ops.sum(_target_terms(y_true, lambda t: ops.log(t / safe_pred)), axis=axis)
 
         def gradient(*args, upstream=None):
             upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
-            safe_pred = ops.maximum(y_pred, keras.config.epsilon())
+            safe_pred = _floor_probabilities(y_pred)
             grad_true = _target_gradient(y_true, lambda t: ops.log(t / safe_pred))
             return upstream * grad_true, upstream * (-y_true / safe_pred)
 

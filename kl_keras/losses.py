@@ -28,10 +28,10 @@ def kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
       have finite gradients; `y_true` is never clipped. KL(p ‖ p) is exactly 0
       for one-hot `p`.
     - Probabilities in `y_pred` are floored at `keras.config.epsilon()`
-      (`1e-7`) in the forward pass, so a zero where `y_true > 0` gives a large
-      finite loss; the gradient passes through the floor and never becomes 0.
-      For `y_pred >= epsilon` and `y_true > 0` the values equal those of
-      `keras.losses.kl_divergence`.
+      (`1e-7`), so a zero where `y_true > 0` gives a large finite loss; the
+      gradient, `-y_true / max(y_pred, epsilon)`, never becomes 0. Negative or
+      NaN probabilities give NaN. For `y_pred >= epsilon` and `y_true > 0` the
+      values equal those of `keras.losses.kl_divergence`.
     - With `from_logits=True` nothing is clipped: every finite logit gives a
       finite value, a logit of `-inf` is allowed where `y_true == 0`, and the
       gradient with respect to the logits is `softmax(y_pred) * sum(y_true) -
