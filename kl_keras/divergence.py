@@ -56,30 +56,6 @@ def clip_keep_gradient(x, min_value, max_value):
     return ops.stop_gradient(clipped) + (x - ops.stop_gradient(x))
 
 
-def _target_terms(y_true, log_ratio):
-    """`y_true * log_ratio(safe_y_true)` with `0 * log(0) = 0` exactly.
-
-    `log_ratio` receives `y_true` with its zeros replaced by ones, so that no
-    `log(0)` is ever evaluated. Where `y_true == 0` the log ratio is replaced
-    by 0 before the product, so the term is an exact 0 even if the log ratio
-    there is infinite (a masked logit).
-    """
-    is_zero = ops.equal(y_true, 0)
-    safe_true = ops.where(is_zero, ops.ones_like(y_true), y_true)
-    return y_true * ops.where(is_zero, ops.zeros_like(y_true), log_ratio(safe_true))
-
-
-def _target_gradient(y_true, log_ratio):
-    """d KL / d y_true = log_ratio + 1 where `y_true > 0`, and 0 where `y_true == 0`.
-
-    The true derivative is -inf at 0; 0 keeps gradients through a teacher's
-    probabilities finite.
-    """
-    is_zero = ops.equal(y_true, 0)
-    safe_true = ops.where(is_zero, ops.ones_like(y_true), y_true)
-    return ops.where(is_zero, ops.zeros_like(y_true), log_ratio(safe_true) + 1.0)
-
-
 def _unpack_upstream(args, upstream):
     # The gradient function is called as grad(upstream) on TensorFlow and JAX and
     # as grad(*inputs, upstream=upstream) on PyTorch.
@@ -125,13 +101,15 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
 
     @ops.custom_gradient
     def divergence(y_true, y_pred):
+        is_zero = ops.equal(y_true, 0)
         safe_pred = _floor_probabilities(y_pred)
-        loss = ops.sum(_target_terms(y_true, lambda t: ops.log(t / safe_pred)), axis=axis)
+        # Where y_true is 0 the ratio is 1 / safe_pred: finite, so 0 * log(...) = 0.
+        log_ratio = ops.log(ops.where(is_zero, 1.0, y_true) / safe_pred)
+        loss = ops.sum(y_true * log_ratio, axis=axis)
 
         def gradient(*args, upstream=None):
             upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
-            safe_pred = _floor_probabilities(y_pred)
-            grad_true = _target_gradient(y_true, lambda t: ops.log(t / safe_pred))
+            grad_true = ops.where(is_zero, 0.0, log_ratio + 1.0)
             return upstream * grad_true, upstream * (-y_true / safe_pred)
 
         return loss, gradient
@@ -150,7 +128,7 @@ def kl_from_logits(y_true, logits, axis=-1):
     of `-inf` is allowed wherever `y_true` is 0. The gradient is written out:
     `softmax(logits) * sum(y_true) - y_true` with respect to the logits and
     `log(y_true) - log_softmax(logits) + 1` with respect to `y_true`; the
-    backward pass keeps only the inputs and one log-sum-exp per distribution.
+    backward pass keeps the inputs and the log-softmax.
 
     Args:
         y_true: target probabilities, floating point, the shape of `logits`.
@@ -163,15 +141,18 @@ def kl_from_logits(y_true, logits, axis=-1):
 
     @ops.custom_gradient
     def divergence(y_true, logits):
-        log_normalizer = ops.logsumexp(logits, axis=axis, keepdims=True)
-        log_ratio = lambda t: ops.log(t) - (logits - log_normalizer)  # noqa: E731
-        loss = ops.sum(_target_terms(y_true, log_ratio), axis=axis)
+        is_zero = ops.equal(y_true, 0)
+        log_pred = logits - ops.logsumexp(logits, axis=axis, keepdims=True)
+        log_ratio = ops.log(ops.where(is_zero, 1.0, y_true)) - log_pred
+        # The outer where keeps 0 * log_ratio = 0 where a masked logit is -inf.
+        loss = ops.sum(y_true * ops.where(is_zero, 0.0, log_ratio), axis=axis)
 
         def gradient(*args, upstream=None):
             upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
             total = ops.sum(y_true, axis=axis, keepdims=True)
-            grad_logits = ops.exp(logits - log_normalizer) * total - y_true
-            return upstream * _target_gradient(y_true, log_ratio), upstream * grad_logits
+            grad_logits = ops.exp(log_pred) * total - y_true
+            grad_true = ops.where(is_zero, 0.0, log_ratio + 1.0)
+            return upstream * grad_true, upstream * grad_logits
 
         return loss, gradient
 
