@@ -1,0 +1,85 @@
+"""The compatibility promise: models saved by earlier kl_keras versions keep loading.
+
+`tests/fixtures/` holds `.keras` files written by `make_fixtures.py` with kl_keras
+0.1.0; each must load on every backend, with the same configs and the same numbers,
+in this and every later version. Also: `model.export()` artifacts reload with
+`keras.layers.TFSMLayer` in a process where kl_keras cannot be imported.
+"""
+
+import json
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+from helpers import BACKEND, run_in_fresh_process, to_numpy
+
+import kl_keras  # noqa: F401  (registers the objects the fixtures name)
+
+FIXTURES = sorted(pathlib.Path(__file__).resolve().parent.joinpath("fixtures").glob("*.keras"))
+
+
+def test_there_are_fixtures():
+    assert len(FIXTURES) >= 5
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+def test_fixture_loads_with_the_same_configs_and_numbers(path):
+    expected = json.loads(path.with_suffix(".json").read_text())
+    model = keras.models.load_model(path)
+    regularizer = model.get_layer("hidden").activity_regularizer
+    assert keras.saving.serialize_keras_object(model.loss) == expected["loss"]
+    assert keras.saving.serialize_keras_object(regularizer) == expected["regularizer"]
+
+    x = np.array(expected["x"], "float32")
+    y = np.array(expected["y"], "float32")
+    predictions = to_numpy(model.predict(x, verbose=0))
+    np.testing.assert_allclose(predictions, expected["predict"], rtol=1e-5, atol=1e-6)
+    loss_value = to_numpy(keras.ops.cast(model.loss(y, predictions), "float32"))
+    low_precision = "bfloat16" in path.stem
+    np.testing.assert_allclose(
+        loss_value, expected["loss_value"], rtol=1e-2 if low_precision else 1e-5, atol=1e-6
+    )
+    hidden = keras.Model(model.input, model.get_layer("hidden").output)(x)
+    np.testing.assert_allclose(
+        float(to_numpy(regularizer.penalty(hidden))), expected["penalty"], rtol=1e-5, atol=1e-7
+    )
+    # And it trains on.
+    history = model.fit(x, y, epochs=1, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history))
+
+
+RELOAD_WITHOUT_KL_KERAS = """
+import sys
+
+sys.modules["kl_keras"] = None  # any import of kl_keras now fails
+import json
+import numpy as np
+import keras
+
+layer = keras.layers.TFSMLayer("exported", call_endpoint="serve")
+x = np.load("x.npy")
+print(json.dumps(np.asarray(layer(x)).tolist()))
+"""
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="model.export() here is TF SavedModel: TF and JAX")
+def test_exported_model_reloads_without_kl_keras(tmp_path):
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(
+        8,
+        activation="sigmoid",
+        activity_regularizer=kl_keras.KLActivityRegularizer(0.1, 0.5),
+    )(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4)(hidden))
+    model.compile("adam", loss=kl_keras.KLDivergence(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype("float32")
+    model.fit(x, np.full((6, 4), 0.25, "float32"), epochs=1, verbose=0)
+    model.export(tmp_path / "exported", verbose=False)
+    np.save(tmp_path / "x.npy", x)
+    # TFSMLayer is a TensorFlow-backend layer, whichever backend exported the model.
+    output = run_in_fresh_process(RELOAD_WITHOUT_KL_KERAS, cwd=tmp_path, backend="tensorflow")
+    reloaded = np.array(json.loads(output.strip().splitlines()[-1]))
+    np.testing.assert_allclose(
+        reloaded, to_numpy(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-6
+    )
