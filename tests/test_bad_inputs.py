@@ -151,9 +151,6 @@ def test_bad_config_dicts_name_the_key(cls, config, error, words):
         cls.from_config(config)
 
 
-BAD_INPUT_COUNT = len(NON_FINITE_CASES) + 8 + 10  # quoted in the README
-
-
 @pytest.mark.skipif(BACKEND == "jax", reason="JAX computes float64 inputs in float32 here")
 def test_float64_gradients_stay_float64():
     from helpers import value_and_grad
