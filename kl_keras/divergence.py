@@ -85,8 +85,8 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
     ```
 
     Negative or NaN entries of `y_pred` give NaN. The gradient is written out
-    rather than traced, so nothing but the inputs is kept for the backward
-    pass: `-y_true / max(y_pred, epsilon)` with respect to `y_pred` (never 0
+    rather than traced, reusing the forward pass's floored `y_pred` and log
+    ratio: `-y_true / max(y_pred, epsilon)` with respect to `y_pred` (never 0
     where `y_true > 0`, also below the floor), and
     `log(y_true / max(y_pred, epsilon)) + 1` with respect to `y_true`.
 
@@ -127,8 +127,8 @@ def kl_from_logits(y_true, logits, axis=-1):
     Nothing is clipped: the value is finite for every finite logit, a logit
     of `-inf` is allowed wherever `y_true` is 0. The gradient is written out:
     `softmax(logits) * sum(y_true) - y_true` with respect to the logits and
-    `log(y_true) - log_softmax(logits) + 1` with respect to `y_true`; the
-    backward pass keeps the inputs and the log-softmax.
+    `log(y_true) - log_softmax(logits) + 1` with respect to `y_true`, reusing
+    the forward pass's log-softmax and log ratio.
 
     Args:
         y_true: target probabilities, floating point, the shape of `logits`.
