@@ -48,20 +48,21 @@ def check_real(name, value, expected, is_valid):
 
 
 def check_config(cls, config):
-    """Refuses a config for `cls` that is not a dict, or lacks or adds keys.
+    """Refuses a config for `cls` that is not a dict or has keys `cls` does not take.
 
-    `get_config()` writes every constructor argument, so a config missing one
-    was not written by kl_keras and is refused rather than silently defaulted.
+    Missing keys are allowed and take the constructor's defaults, as in Keras: a
+    file saved before a release added an argument lacks that argument's key.
+    Wrong values are refused by the constructor, naming the key.
     """
     if not isinstance(config, dict):
         raise _wrong_type("config", f"a dict of {cls.__name__} arguments", config)
     expected = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    for problem, keys in (("unknown", set(config) - expected), ("missing", expected - set(config))):
-        if keys:
-            raise ValueError(
-                f"Invalid config for {cls.__name__}: {problem} keys {sorted(keys)}. "
-                f"Expected the keys {sorted(expected)}. Received: config={config!r}"
-            )
+    unknown = set(config) - expected
+    if unknown:
+        raise ValueError(
+            f"Invalid config for {cls.__name__}: unknown keys {sorted(unknown)}. "
+            f"Expected some of the keys {sorted(expected)}. Received: config={config!r}"
+        )
 
 
 def broadcast_rank(y_true_shape, y_pred_shape):
@@ -90,3 +91,26 @@ def check_axis_in_rank(axis, rank):
             else f"an axis of inputs of rank {rank}, in [{-rank}, {rank - 1}]"
         )
         raise _invalid("axis", expected, axis)
+
+
+def check_distribution_shapes(y_true_shape, y_pred_shape, axis):
+    """Refuses inputs that cannot hold distributions along `axis` against each other.
+
+    The shapes must broadcast and have `axis`; and along `axis` itself they must
+    have the same size. A size of 1 there would broadcast a single number across
+    the classes: integer labels of shape `(batch, 1)` against probabilities
+    `(batch, classes)` give a plausible but meaningless number.
+    """
+    rank = broadcast_rank(y_true_shape, y_pred_shape)
+    check_axis_in_rank(axis, rank)
+    padded_true = (1,) * (rank - len(y_true_shape)) + tuple(y_true_shape)
+    padded_pred = (1,) * (rank - len(y_pred_shape)) + tuple(y_pred_shape)
+    size_true, size_pred = padded_true[axis], padded_pred[axis]
+    if size_true is not None and size_pred is not None and size_true != size_pred:
+        raise ValueError(
+            f"`y_true` and `y_pred` must have the same size along axis {axis}, the axis "
+            f"that holds the distributions. Received: y_true.shape={tuple(y_true_shape)}, "
+            f"y_pred.shape={tuple(y_pred_shape)}. Pass one-hot or probability targets of "
+            "the same shape as `y_pred`; for integer class labels use "
+            "`keras.losses.SparseCategoricalCrossentropy`."
+        )

@@ -17,16 +17,23 @@ import keras
 from keras import ops
 
 
-def global_mean(x, axis):
-    """`ops.mean(x, axis)` over the global batch, also inside a tf.distribute replica."""
+def global_sum_and_count(x, axis):
+    """`ops.sum(x, axis)` and the number of entries summed into each value.
+
+    Both are over the global batch, also inside a tf.distribute replica, where
+    each replica holds only its slice: the sums and counts are all-reduced.
+    """
+    shape = ops.shape(x)
+    count = 1
+    for dimension in axis:
+        count = count * shape[dimension]
+    total = ops.sum(x, axis=axis)
+    count = ops.cast(count, x.dtype)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         replica_context = tf.distribute.get_replica_context()
         if replica_context is not None and replica_context.num_replicas_in_sync > 1:
-            local_sum = tf.reduce_sum(x, axis=axis)
-            local_count = tf.cast(tf.size(x) // tf.size(local_sum), x.dtype)
-            total = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, local_sum)
-            count = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
-            return total / count
-    return ops.mean(x, axis=axis)
+            total = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+            count = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, count)
+    return total, count

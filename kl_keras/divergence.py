@@ -1,18 +1,27 @@
 """Kullback-Leibler divergences as pure functions of tensors.
 
 Everything here is written with `keras.ops` alone, so it runs unchanged on the
-TensorFlow, JAX and PyTorch backends. The functions take tensors whose
-arguments were already checked by the caller (see `kl_keras.losses` and
-`kl_keras.regularizers`) and hold no state.
+TensorFlow, JAX and PyTorch backends, and every derivative is traced by the
+backend's own autodiff: reverse mode, forward mode, second order and
+vectorising maps (`jax.vmap`, `torch.func`, `tf.vectorized_map`) all see the
+same formula. The functions take tensors whose arguments were already checked
+by the caller (see `kl_keras.losses` and `kl_keras.regularizers`) and hold no
+state.
 
 Numerical conventions, shared by every function in this module:
 
 - `0 * log(0) = 0` exactly: a zero in the target distribution contributes a
-  zero term and a zero gradient, with no clipping of the target.
+  zero term and a zero gradient, with no clipping of the target (a double
+  `where`, so that neither the value nor any derivative sees the unused
+  branch).
 - Probabilities that enter a logarithm as a denominator are floored at
-  `keras.config.epsilon()` (`1e-7` by default); the gradient is that of the
-  log at the floored value, so it never becomes zero. Negative or NaN
-  probabilities give NaN, never a plausible number.
+  `keras.config.epsilon()` (`1e-7` by default) with the derivative of the
+  unfloored value kept (see `floor_probabilities`), so the gradient never
+  becomes zero.
+- A distribution with a negative or NaN entry, in either argument, has a NaN
+  value, and a NaN value has NaN derivatives with respect to every entry of
+  both arguments; other distributions are untouched (see
+  `nan_gradients_where_nan`).
 - float16 and bfloat16 inputs are computed in float32.
 
 Reference: S. Kullback and R. A. Leibler, "On Information and Sufficiency",
@@ -40,41 +49,64 @@ def computation_dtype(dtype):
 
 
 def clip_keep_gradient(x, min_value, max_value):
-    """`clip(x, min_value, max_value)` whose gradient is that of `x` itself.
+    """`clip(x, min_value, max_value)` whose derivative is that of `x` itself.
 
-    The forward value is exactly the clipped one, taken with no gradient;
-    `x - stop_gradient(x)` adds an exact zero that carries the identity
-    gradient. A clipped log therefore still pulls a value that left the
-    interval back into it, where a plain clip would return a zero gradient and
-    stall training.
+    The value is exactly the clipped one; below and above the interval the
+    value is the bound plus `x - stop_gradient(x)`, an exact zero that carries
+    the identity derivative in every autodiff mode. A clipped log therefore
+    still pulls a value that left the interval back into it, where a plain clip
+    would return a zero gradient and stall training.
     """
     # Written with `where` (not `clip`) so that NaN stays NaN on every backend and
     # float64 stays float64 (Keras's torch backend clips float64 in float32).
-    min_value = ops.convert_to_tensor(min_value, dtype=x.dtype)
-    max_value = ops.convert_to_tensor(max_value, dtype=x.dtype)
-    clipped = ops.where(x < min_value, min_value, ops.where(x > max_value, max_value, x))
-    return ops.stop_gradient(clipped) + (x - ops.stop_gradient(x))
+    identity = x - ops.stop_gradient(x)
+    low = ops.where(x < min_value, min_value + identity, x)
+    return ops.where(x > max_value, max_value + identity, low)
 
 
-def _unpack_upstream(args, upstream):
-    # The gradient function is called as grad(upstream) on TensorFlow and JAX and
-    # as grad(*inputs, upstream=upstream) on PyTorch.
-    if upstream is None:
-        (upstream,) = args
-    return upstream
+def floor_probabilities(x):
+    """`max(x, epsilon)` with the derivative of `x` kept, and NaN for negative `x`.
 
-
-def _floor_probabilities(y_pred):
-    """`max(y_pred, epsilon)`, with NaN for negative or NaN `y_pred`.
-
-    The floor only lifts zeros and underflows; a negative probability is a bug
-    upstream and must not be turned into a plausible number.
+    The floor only lifts zeros and underflows (the derivative below it is that
+    of `x` itself, see `clip_keep_gradient`); a negative probability is a bug
+    upstream and must not become a plausible number.
     """
-    # Written with `where` (not `maximum`): float64 stays float64 on Keras's
-    # torch backend, which computes maximum(float64, float64) in float32.
-    epsilon = ops.convert_to_tensor(keras.config.epsilon(), dtype=y_pred.dtype)
-    nan = ops.convert_to_tensor(float("nan"), dtype=y_pred.dtype)
-    return ops.where(y_pred >= epsilon, y_pred, ops.where(y_pred >= 0, epsilon, nan))
+    epsilon = keras.config.epsilon()
+    # The identity term is added outside the inner `where`: its derivative is 1 for
+    # every entry (so a negative entry's NaN reaches its own gradient), and no branch
+    # has a NaN derivative that could leak into the entries that do not use it.
+    floor = ops.cast(ops.where(x >= 0, epsilon, float("nan")), x.dtype)
+    lifted = floor + (x - ops.stop_gradient(x))
+    return ops.where(x >= epsilon, x, lifted)
+
+
+def nan_gradients_where_nan(values):
+    """`values`, each NaN one made to carry NaN derivatives in every autodiff mode.
+
+    Each value is multiplied by 1 (exact) where it is a number and by NaN where
+    it is NaN, so the cotangent entering a NaN distribution (reverse mode) and
+    its tangent (forward mode) are NaN: every entry of both arguments of that
+    distribution gets a NaN gradient, where a formula alone can leave some
+    finite (a negative target makes only its own term NaN). A NaN loss never
+    comes with a plausible training step. Other distributions are untouched.
+    """
+    scale = ops.cast(ops.where(ops.isnan(values), float("nan"), 1.0), values.dtype)
+    return values * scale
+
+
+def _weighted_sum(weights, log_ratio, axis):
+    """`sum(weights * log_ratio)` with `0 * log_ratio = 0` wherever `weights == 0`.
+
+    The inner `where` keeps `0 * inf` (a masked logit, a zero denominator) out
+    of the value and out of every derivative. Negative or NaN weights are not
+    zero: their log ratio is NaN, and so is the sum.
+    """
+    return ops.sum(weights * ops.where(weights == 0, 0.0, log_ratio), axis=axis)
+
+
+def _log_target(y_true):
+    """`log(y_true)`; 0 where `y_true == 0` (unused there), NaN where it is negative."""
+    return ops.log(ops.where(y_true == 0, 1.0, y_true))
 
 
 def kl_from_probabilities(y_true, y_pred, axis=-1):
@@ -84,11 +116,10 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
     loss = sum(y_true * log(y_true / max(y_pred, epsilon)), axis=axis)
     ```
 
-    Negative or NaN entries of `y_pred` give NaN. The gradient is written out
-    rather than traced, reusing the forward pass's floored `y_pred` and log
-    ratio: `-y_true / max(y_pred, epsilon)` with respect to `y_pred` (never 0
-    where `y_true > 0`, also below the floor), and
-    `log(y_true / max(y_pred, epsilon)) + 1` with respect to `y_true`.
+    The floor lifts zeros and underflows in `y_pred` with the derivative kept
+    (`-y_true / max(y_pred, epsilon)` never becomes 0 where `y_true > 0`).
+    The log of the ratio is taken in one `log`, which is more precise than a
+    difference of logs when the two distributions are close.
 
     Args:
         y_true: target probabilities, floating point, the shape of `y_pred`.
@@ -98,23 +129,9 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
     Returns:
         The divergences, with `axis` removed.
     """
-
-    @ops.custom_gradient
-    def divergence(y_true, y_pred):
-        is_zero = ops.equal(y_true, 0)
-        safe_pred = _floor_probabilities(y_pred)
-        # Where y_true is 0 the ratio is 1 / safe_pred: finite, so 0 * log(...) = 0.
-        log_ratio = ops.log(ops.where(is_zero, 1.0, y_true) / safe_pred)
-        loss = ops.sum(y_true * log_ratio, axis=axis)
-
-        def gradient(*args, upstream=None):
-            upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
-            grad_true = ops.where(is_zero, 0.0, log_ratio + 1.0)
-            return upstream * grad_true, upstream * (-y_true / safe_pred)
-
-        return loss, gradient
-
-    return divergence(y_true, y_pred)
+    safe_true = ops.where(y_true == 0, 1.0, y_true)
+    log_ratio = ops.log(safe_true / floor_probabilities(y_pred))
+    return nan_gradients_where_nan(_weighted_sum(y_true, log_ratio, axis))
 
 
 def kl_from_logits(y_true, logits, axis=-1):
@@ -124,11 +141,10 @@ def kl_from_logits(y_true, logits, axis=-1):
     loss = sum(y_true * (log(y_true) - log_softmax(logits, axis)), axis=axis)
     ```
 
-    Nothing is clipped: the value is finite for every finite logit, a logit
-    of `-inf` is allowed wherever `y_true` is 0. The gradient is written out:
-    `softmax(logits) * sum(y_true) - y_true` with respect to the logits and
-    `log(y_true) - log_softmax(logits) + 1` with respect to `y_true`, reusing
-    the forward pass's log-softmax and log ratio.
+    Nothing is clipped: the value is finite for every finite logit, and a
+    logit of `-inf` is allowed wherever `y_true` is 0 (a masked class). The
+    gradient with respect to the logits is `softmax(logits) * sum(y_true) -
+    y_true`.
 
     Args:
         y_true: target probabilities, floating point, the shape of `logits`.
@@ -138,25 +154,8 @@ def kl_from_logits(y_true, logits, axis=-1):
     Returns:
         The divergences, with `axis` removed.
     """
-
-    @ops.custom_gradient
-    def divergence(y_true, logits):
-        is_zero = ops.equal(y_true, 0)
-        log_pred = logits - ops.logsumexp(logits, axis=axis, keepdims=True)
-        log_ratio = ops.log(ops.where(is_zero, 1.0, y_true)) - log_pred
-        # The outer where keeps 0 * log_ratio = 0 where a masked logit is -inf.
-        loss = ops.sum(y_true * ops.where(is_zero, 0.0, log_ratio), axis=axis)
-
-        def gradient(*args, upstream=None):
-            upstream = ops.expand_dims(_unpack_upstream(args, upstream), axis)
-            total = ops.sum(y_true, axis=axis, keepdims=True)
-            grad_logits = ops.exp(log_pred) * total - y_true
-            grad_true = ops.where(is_zero, 0.0, log_ratio + 1.0)
-            return upstream * grad_true, upstream * grad_logits
-
-        return loss, gradient
-
-    return divergence(y_true, logits)
+    log_pred = logits - ops.logsumexp(logits, axis=axis, keepdims=True)
+    return nan_gradients_where_nan(_weighted_sum(y_true, _log_target(y_true) - log_pred, axis))
 
 
 def bernoulli_kl(rho, rho_hat):

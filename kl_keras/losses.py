@@ -69,12 +69,7 @@ def kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
     result_dtype = input_dtype if keras.backend.is_float_dtype(input_dtype) else dtype
     y_pred = ops.cast(y_pred, dtype)
     y_true = ops.cast(ops.convert_to_tensor(y_true), dtype)
-    rank = _checks.broadcast_rank(y_true.shape, y_pred.shape)
-    _checks.check_axis_in_rank(axis, rank)
-    if tuple(y_true.shape) != tuple(y_pred.shape):
-        # The math takes equal shapes; adding zeros broadcasts both exactly, and
-        # autodiff sums the gradients back to each input's own shape.
-        y_true, y_pred = y_true + ops.zeros_like(y_pred), y_pred + ops.zeros_like(y_true)
+    _checks.check_distribution_shapes(y_true.shape, y_pred.shape, axis)
     if from_logits:
         loss = kl_from_logits(y_true, y_pred, axis=axis)
     else:

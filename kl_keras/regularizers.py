@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from kl_keras import _checks
-from kl_keras._distribute import global_mean
+from kl_keras._distribute import global_sum_and_count
 from kl_keras.divergence import bernoulli_kl, computation_dtype
 
 
@@ -81,7 +81,8 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
     def penalty(self, x):
         """β·Σ_j KL(ρ ‖ ρ̂_j) for activations `x` of shape `(batch, ..., units)`.
 
-        Returns a scalar tensor, float32 for float16/bfloat16 activations.
+        Returns a scalar tensor, float32 for float16/bfloat16 activations; 0 for
+        an empty batch.
         """
         x = ops.convert_to_tensor(x)
         if len(x.shape) == 0:
@@ -91,8 +92,11 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
             )
         x = ops.cast(x, computation_dtype(x.dtype))
         mean_axes = tuple(range(max(len(x.shape) - 1, 1)))
-        rho_hat = global_mean(x, axis=mean_axes)
-        return self.beta * ops.sum(bernoulli_kl(self.rho, rho_hat))
+        total, count = global_sum_and_count(x, axis=mean_axes)
+        # An empty batch has no mean activation and adds nothing: 0, with a zero gradient.
+        rho_hat = total / ops.where(count > 0, count, 1.0)
+        penalty = self.beta * ops.sum(bernoulli_kl(self.rho, rho_hat))
+        return ops.where(count > 0, penalty, 0.0)
 
     def __call__(self, x):
         """The value Keras expects from an activity regularizer; see the class doc."""

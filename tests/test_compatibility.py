@@ -6,6 +6,7 @@ in this and every later version. Also: `model.export()` artifacts reload with
 `keras.layers.TFSMLayer` in a process where kl_keras cannot be imported.
 """
 
+import inspect
 import json
 import pathlib
 
@@ -47,6 +48,52 @@ def test_fixture_loads_with_the_same_configs_and_numbers(path):
     # And it trains on.
     history = model.fit(x, y, epochs=1, verbose=0).history["loss"]
     assert np.all(np.isfinite(history))
+
+
+def configs_saved_by_0_1_0():
+    """(class, config) of every loss and regularizer config that 0.1.0 wrote in a fixture."""
+    found = {}
+    for path in FIXTURES:
+        expected = json.loads(path.with_suffix(".json").read_text())
+        if expected["kl_keras"] != "0.1.0":
+            continue
+        for serialized in (expected["loss"], expected["regularizer"]):
+            cls = keras.saving.get_registered_object(serialized["registered_name"])
+            if inspect.isclass(cls):
+                found[f"{path.stem}-{cls.__name__}"] = (cls, serialized["config"])
+    return found
+
+
+OLD_CONFIGS = configs_saved_by_0_1_0()
+
+
+@pytest.mark.parametrize("name", sorted(OLD_CONFIGS))
+def test_a_config_missing_any_key_loads_with_that_keys_default(name):
+    # A release that adds a constructor argument must still load every file saved
+    # before it, whose configs lack the new key: missing keys take their defaults.
+    cls, config = OLD_CONFIGS[name]
+    defaults = {
+        key: parameter.default
+        for key, parameter in inspect.signature(cls.__init__).parameters.items()
+        if key != "self"
+    }
+    assert set(config) <= set(defaults)
+    for key in config:
+        partial = {k: v for k, v in config.items() if k != key}
+        rebuilt = cls.from_config(partial).get_config()
+        assert rebuilt[key] == defaults[key], (key, rebuilt)
+        for other in partial:
+            assert rebuilt[other] == config[other], (other, rebuilt)
+    # Unknown keys are still refused, naming the key.
+    with pytest.raises(ValueError, match=r"unknown keys \['temperature'\]"):
+        cls.from_config(dict(config, temperature=2.0))
+
+
+def test_there_are_0_1_0_configs_of_both_classes():
+    assert {cls.__name__ for cls, _ in OLD_CONFIGS.values()} == {
+        "KLDivergence",
+        "KLActivityRegularizer",
+    }
 
 
 RELOAD_WITHOUT_KL_KERAS = """

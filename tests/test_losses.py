@@ -314,6 +314,25 @@ def test_serialization_uses_the_registered_name():
     assert keras.saving.get_registered_object("kl_keras>kl_divergence") is kl_divergence
 
 
+def test_what_works_in_place_of_a_string():
+    # Keras resolves only its built-in names from strings: a registered kl_keras name
+    # is refused, and the bare "KLDivergence" is Keras's own (clipped) loss.
+    for name in ("kl_keras>KLDivergence", "kl_keras>kl_divergence"):
+        with pytest.raises(ValueError, match="Could not interpret loss identifier"):
+            keras.losses.get(name)
+    assert not isinstance(keras.losses.get("KLDivergence"), KLDivergence)
+    # The dict form resolves through keras.losses.get (compile() does not take dicts).
+    loss = keras.losses.get(
+        {"class_name": "kl_keras>KLDivergence", "config": {"from_logits": True}}
+    )
+    assert isinstance(loss, KLDivergence) and loss.from_logits is True
+    # The object itself is what compile() takes.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    model.compile("sgd", loss=loss)
+    model.fit(np.ones((4, 3), "float32"), np.full((4, 3), 1 / 3, "float32"), verbose=0)
+    assert model.loss is loss
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -121,6 +121,17 @@ def test_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_an_empty_batch_adds_zero_with_a_zero_gradient():
+    reg = KLActivityRegularizer(rho=0.1, beta=0.5)
+    value, (grad,) = value_and_grad(reg.penalty, np.zeros((0, 4), "float32"))
+    assert value == 0.0 and grad.shape == (0, 4)
+    # Inside a layer, on Keras before 3.14 (no division) and after (divide_no_nan).
+    layer = keras.layers.Dense(4, activation="sigmoid", activity_regularizer=reg)
+    layer(np.zeros((0, 3), "float32"))
+    (loss,) = layer.losses
+    assert float(to_numpy(loss)) == 0.0
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
