@@ -11,8 +11,8 @@ derivative) fails here.
 A new divergence joins by adding one entry to `CASES`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
