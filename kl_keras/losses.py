@@ -84,8 +84,11 @@ kld = kl_divergence
 class KLDivergence(keras.losses.Loss):
     """Kullback-Leibler divergence loss KL(y_true ‖ y_pred).
 
-    A drop-in replacement for `keras.losses.KLDivergence` that is exact where
-    `y_true` has zeros, accepts logits, and lets you choose the axis:
+    A replacement for `keras.losses.KLDivergence` in `compile` that is exact
+    where `y_true` has zeros, accepts logits, and lets you choose the axis.
+    It is not a drop-in replacement inside
+    `keras.distillation.LogitsDistillation`, which passes raw teacher logits as
+    `y_true` (they are not probabilities, and the value is NaN):
 
     ```python
     loss = sum(y_true * log(y_true / y_pred), axis=axis)
