@@ -1,14 +1,36 @@
-"""kl_keras: Kullback-Leibler divergence for Keras 3, exact and serializable."""
+"""kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
-from kl_keras.losses import KLDivergence, kl_divergence, kld
+from kl_keras import metrics
+from kl_keras.losses import (
+    BinaryKLDivergence,
+    JeffreysDivergence,
+    JensenShannonDivergence,
+    KLDivergence,
+    ReverseKLDivergence,
+    binary_kl_divergence,
+    jeffreys_divergence,
+    jensen_shannon_divergence,
+    kl_divergence,
+    kld,
+    reverse_kl_divergence,
+)
 from kl_keras.regularizers import KLActivityRegularizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
+    "BinaryKLDivergence",
+    "JeffreysDivergence",
+    "JensenShannonDivergence",
     "KLActivityRegularizer",
     "KLDivergence",
+    "ReverseKLDivergence",
     "__version__",
+    "binary_kl_divergence",
+    "jeffreys_divergence",
+    "jensen_shannon_divergence",
     "kl_divergence",
     "kld",
+    "metrics",
+    "reverse_kl_divergence",
 ]

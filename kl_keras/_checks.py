@@ -47,6 +47,11 @@ def check_real(name, value, expected, is_valid):
     return value
 
 
+def check_beta(value):
+    """The mixture weight of the Jensen-Shannon divergence: a float in [0, 1]."""
+    return check_real("beta", value, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+
+
 def check_config(cls, config):
     """Refuses a config for `cls` that is not a dict or has keys `cls` does not take.
 

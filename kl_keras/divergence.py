@@ -1,4 +1,4 @@
-"""Kullback-Leibler divergences as pure functions of tensors.
+"""Kullback-Leibler divergences and their family as pure functions of tensors.
 
 Everything here is written with `keras.ops` alone, so it runs unchanged on the
 TensorFlow, JAX and PyTorch backends, and every derivative is traced by the
@@ -27,6 +27,8 @@ Numerical conventions, shared by every function in this module:
 Reference: S. Kullback and R. A. Leibler, "On Information and Sufficiency",
 Annals of Mathematical Statistics 22(1), 1951.
 """
+
+import math
 
 import keras
 from keras import ops
@@ -94,19 +96,39 @@ def nan_gradients_where_nan(values):
     return values * scale
 
 
-def _weighted_sum(weights, log_ratio, axis):
-    """`sum(weights * log_ratio)` with `0 * log_ratio = 0` wherever `weights == 0`.
+def _weighted_terms(weights, log_ratio):
+    """`weights * log_ratio` with `0 * log_ratio = 0` wherever `weights == 0`.
 
     The inner `where` keeps `0 * inf` (a masked logit, a zero denominator) out
     of the value and out of every derivative. Negative or NaN weights are not
-    zero: their log ratio is NaN, and so is the sum.
+    zero: their log ratio is NaN, and so is the term.
     """
-    return ops.sum(weights * ops.where(weights == 0, 0.0, log_ratio), axis=axis)
+    return weights * ops.where(weights == 0, 0.0, log_ratio)
 
 
 def _log_target(y_true):
     """`log(y_true)`; 0 where `y_true == 0` (unused there), NaN where it is negative."""
     return ops.log(ops.where(y_true == 0, 1.0, y_true))
+
+
+def _positive_or_nan(x):
+    """`x` where positive, 1 where 0 (a weight-0 entry), NaN where negative or NaN."""
+    return ops.where(x > 0, x, ops.cast(ops.where(x == 0, 1.0, float("nan")), x.dtype))
+
+
+def _kl_terms(p, q):
+    """The terms `p * log(p / max(q, epsilon))` of KL(p ‖ q) on probabilities, elementwise.
+
+    The log of the ratio is taken in one `log`, which is more precise than a
+    difference of logs when the two distributions are close; `q` is floored with
+    its derivative kept (see `floor_probabilities`).
+    """
+    safe_p = ops.where(p == 0, 1.0, p)
+    return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
+
+
+def _log_softmax(logits, axis):
+    return logits - ops.logsumexp(logits, axis=axis, keepdims=True)
 
 
 def kl_from_probabilities(y_true, y_pred, axis=-1):
@@ -118,20 +140,16 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
 
     The floor lifts zeros and underflows in `y_pred` with the derivative kept
     (`-y_true / max(y_pred, epsilon)` never becomes 0 where `y_true > 0`).
-    The log of the ratio is taken in one `log`, which is more precise than a
-    difference of logs when the two distributions are close.
 
     Args:
-        y_true: target probabilities, floating point, the shape of `y_pred`.
+        y_true: target probabilities, floating point, broadcastable with `y_pred`.
         y_pred: predicted probabilities, floating point.
         axis: the axis that holds the distributions.
 
     Returns:
         The divergences, with `axis` removed.
     """
-    safe_true = ops.where(y_true == 0, 1.0, y_true)
-    log_ratio = ops.log(safe_true / floor_probabilities(y_pred))
-    return nan_gradients_where_nan(_weighted_sum(y_true, log_ratio, axis))
+    return nan_gradients_where_nan(ops.sum(_kl_terms(y_true, y_pred), axis=axis))
 
 
 def kl_from_logits(y_true, logits, axis=-1):
@@ -147,15 +165,127 @@ def kl_from_logits(y_true, logits, axis=-1):
     y_true`.
 
     Args:
-        y_true: target probabilities, floating point, the shape of `logits`.
+        y_true: target probabilities, floating point, broadcastable with `logits`.
         logits: unnormalised log-probabilities.
         axis: the axis that holds the distributions.
 
     Returns:
         The divergences, with `axis` removed.
     """
-    log_pred = logits - ops.logsumexp(logits, axis=axis, keepdims=True)
-    return nan_gradients_where_nan(_weighted_sum(y_true, _log_target(y_true) - log_pred, axis))
+    log_ratio = _log_target(y_true) - _log_softmax(logits, axis)
+    return nan_gradients_where_nan(ops.sum(_weighted_terms(y_true, log_ratio), axis=axis))
+
+
+def reverse_kl_from_probabilities(y_true, y_pred, axis=-1):
+    """KL(y_pred ‖ y_true): `sum(y_pred * log(y_pred / max(y_true, epsilon)))`."""
+    return kl_from_probabilities(y_pred, y_true, axis=axis)
+
+
+def reverse_kl_from_logits(y_true, logits, axis=-1):
+    """KL(softmax(logits) ‖ y_true), with `y_true` floored at epsilon inside the log.
+
+    ```python
+    q = softmax(logits)
+    loss = sum(q * (log_softmax(logits) - log(max(y_true, epsilon))), axis=axis)
+    ```
+    """
+    log_pred = _log_softmax(logits, axis)
+    log_ratio = log_pred - ops.log(floor_probabilities(y_true))
+    return nan_gradients_where_nan(ops.sum(_weighted_terms(ops.exp(log_pred), log_ratio), axis))
+
+
+def jeffreys_from_probabilities(y_true, y_pred, axis=-1):
+    """KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true), each with its own floor."""
+    forward = kl_from_probabilities(y_true, y_pred, axis=axis)
+    return forward + reverse_kl_from_probabilities(y_true, y_pred, axis=axis)
+
+
+def jeffreys_from_logits(y_true, logits, axis=-1):
+    """KL(y_true ‖ softmax(logits)) + KL(softmax(logits) ‖ y_true)."""
+    return kl_from_logits(y_true, logits, axis=axis) + reverse_kl_from_logits(
+        y_true, logits, axis=axis
+    )
+
+
+def jensen_shannon_from_probabilities(y_true, y_pred, beta=0.5, axis=-1):
+    """(1 - beta) KL(P ‖ M) + beta KL(Q ‖ M), M = beta P + (1 - beta) Q, on probabilities.
+
+    `beta` is a Python float in [0, 1]; 0 and 1 are forward and reverse KL exactly,
+    with their floors. Between them M > 0 wherever P or Q is, so nothing is floored.
+    """
+    if beta == 0.0:
+        return kl_from_probabilities(y_true, y_pred, axis=axis)
+    if beta == 1.0:
+        return reverse_kl_from_probabilities(y_true, y_pred, axis=axis)
+    # Where P and Q are within a factor 2 of each other (the small-JSD regime), log(P / M)
+    # is -log1p((1 - beta) (Q - P) / P), and log(Q / M) likewise: no M is formed, and close
+    # distributions keep their digits. Elsewhere the logs are far apart and are subtracted
+    # directly, M in log space: a ratio such as P / Q would overflow for a tiny Q. Each
+    # unused branch sees a finite argument (divisor 1), so no derivative leaks a NaN. A
+    # negative or NaN entry is NaN in both branches; an entry of 0 has weight 0.
+    safe_true, safe_pred = _positive_or_nan(y_true), _positive_or_nan(y_pred)
+    log_true, log_pred = ops.log(safe_true), ops.log(safe_pred)
+    weighted_true = math.log(beta) + log_true
+    weighted_pred = math.log(1.0 - beta) + log_pred
+    log_mixture = ops.where(
+        y_true == 0,
+        weighted_pred,
+        ops.where(y_pred == 0, weighted_true, ops.logaddexp(weighted_true, weighted_pred)),
+    )
+    difference = y_pred - y_true
+    close_to_true = ops.abs(difference) < safe_true
+    close_to_pred = ops.abs(difference) < safe_pred
+    log_true_ratio = ops.where(
+        close_to_true,
+        -ops.log1p((1.0 - beta) * difference / ops.where(close_to_true, safe_true, 1.0)),
+        log_true - log_mixture,
+    )
+    log_pred_ratio = ops.where(
+        close_to_pred,
+        -ops.log1p(-beta * difference / ops.where(close_to_pred, safe_pred, 1.0)),
+        log_pred - log_mixture,
+    )
+    terms = (1.0 - beta) * _weighted_terms(y_true, log_true_ratio)
+    terms = terms + beta * _weighted_terms(y_pred, log_pred_ratio)
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+
+
+def jensen_shannon_from_logits(y_true, logits, beta=0.5, axis=-1):
+    """Jensen-Shannon divergence of `y_true` and `softmax(logits)`, M in log space.
+
+    `log M = logaddexp(log(beta) + log P, log(1 - beta) + log_softmax(logits))`:
+    M is never formed by adding probabilities that came from logits.
+    """
+    if beta == 0.0:
+        return kl_from_logits(y_true, logits, axis=axis)
+    if beta == 1.0:
+        return reverse_kl_from_logits(y_true, logits, axis=axis)
+    log_true = _log_target(y_true)
+    log_pred = _log_softmax(logits, axis)
+    weighted_pred = math.log(1.0 - beta) + log_pred
+    log_mixture = ops.where(
+        y_true == 0, weighted_pred, ops.logaddexp(math.log(beta) + log_true, weighted_pred)
+    )
+    terms = (1.0 - beta) * _weighted_terms(y_true, log_true - log_mixture)
+    terms = terms + beta * _weighted_terms(ops.exp(log_pred), log_pred - log_mixture)
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+
+
+def binary_kl_from_probabilities(y_true, y_pred, axis=-1):
+    """Sum over `axis` of KL(Bernoulli(y_true) ‖ Bernoulli(y_pred)), both terms.
+
+    `y_pred` and `1 - y_pred` are each floored at epsilon with the derivative kept.
+    """
+    terms = _kl_terms(y_true, y_pred) + _kl_terms(1.0 - y_true, 1.0 - y_pred)
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+
+
+def binary_kl_from_logits(y_true, logits, axis=-1):
+    """Binary KL against `sigmoid(logits)`, through `log_sigmoid`: nothing is clipped."""
+    positive = _weighted_terms(y_true, _log_target(y_true) - ops.log_sigmoid(logits))
+    off = 1.0 - y_true
+    negative = _weighted_terms(off, _log_target(off) - ops.log_sigmoid(-logits))
+    return nan_gradients_where_nan(ops.sum(positive + negative, axis=axis))
 
 
 def bernoulli_kl(rho, rho_hat):

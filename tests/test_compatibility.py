@@ -1,9 +1,10 @@
 """The compatibility promise: models saved by earlier kl_keras versions keep loading.
 
 `tests/fixtures/` holds `.keras` files written by `make_fixtures.py` with kl_keras
-0.1.0; each must load on every backend, with the same configs and the same numbers,
-in this and every later version. Also: `model.export()` artifacts reload with
-`keras.layers.TFSMLayer` in a process where kl_keras cannot be imported.
+0.1.0 and 0.2.0.dev0 (the KL family and its metric twins); each must load on every
+backend, with the same configs and the same numbers, in this and every later version.
+Also: `model.export()` artifacts reload with `keras.layers.TFSMLayer` in a process where
+kl_keras cannot be imported.
 """
 
 import inspect
@@ -21,7 +22,9 @@ FIXTURES = sorted(pathlib.Path(__file__).resolve().parent.joinpath("fixtures").g
 
 
 def test_there_are_fixtures():
-    assert len(FIXTURES) >= 5
+    assert len(FIXTURES) >= 9
+    versions = {json.loads(p.with_suffix(".json").read_text())["kl_keras"] for p in FIXTURES}
+    assert {"0.1.0", "0.2.0.dev0"} <= versions
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
@@ -45,6 +48,11 @@ def test_fixture_loads_with_the_same_configs_and_numbers(path):
     np.testing.assert_allclose(
         float(to_numpy(regularizer.penalty(hidden))), expected["penalty"], rtol=1e-5, atol=1e-7
     )
+    if "metrics" in expected:  # 0.2 on: the compiled metric twins come back too
+        assert model.get_compile_config()["metrics"] == expected["metrics"]
+        evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
+        for name, value in expected["metric_values"].items():
+            np.testing.assert_allclose(evaluated[name], value, rtol=1e-5, atol=1e-7)
     # And it trains on.
     history = model.fit(x, y, epochs=1, verbose=0).history["loss"]
     assert np.all(np.isfinite(history))

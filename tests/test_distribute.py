@@ -44,7 +44,11 @@ def build():
     model.compile(
         keras.optimizers.SGD(0.5),
         loss=kl_keras.KLDivergence(from_logits=True),
-        metrics=[kl],
+        metrics=[
+            kl,
+            kl_keras.metrics.KLDivergence(from_logits=True, name="kl_metric"),
+            kl_keras.metrics.JensenShannonDivergence(from_logits=True, name="js_metric"),
+        ],
     )
     return model
 
@@ -130,10 +134,15 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     # Keras's BatchNormalization(synchronized=True) with any activity regularizer) lets
     # one replica's penalty be summed into another replica's displayed loss. Gradients
     # use only each replica's own term, so the weights and the metrics are exact.
-    assert_same_run(json.loads(output.strip().splitlines()[-1]), histories=["kl"])
+    assert_same_run(
+        json.loads(output.strip().splitlines()[-1]), histories=["kl", "kl_metric", "js_metric"]
+    )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on the JAX backend")
 def test_jax_data_parallel_matches_one_device(tmp_path):
     output = run_in_fresh_process(DATA_PARALLEL.format(common=COMMON), cwd=tmp_path)
-    assert_same_run(json.loads(output.strip().splitlines()[-1]), histories=["loss", "kl"])
+    assert_same_run(
+        json.loads(output.strip().splitlines()[-1]),
+        histories=["loss", "kl", "kl_metric", "js_metric"],
+    )

@@ -7,38 +7,55 @@ import keras
 
 import kl_keras
 
+LOSSES = [
+    "BinaryKLDivergence",
+    "JeffreysDivergence",
+    "JensenShannonDivergence",
+    "KLDivergence",
+    "ReverseKLDivergence",
+]
+FUNCTIONS = [
+    "binary_kl_divergence",
+    "jeffreys_divergence",
+    "jensen_shannon_divergence",
+    "kl_divergence",
+    "reverse_kl_divergence",
+]
+
 
 def test_all_is_exactly_the_public_surface():
     assert kl_keras.__all__ == sorted(kl_keras.__all__)
     assert set(kl_keras.__all__) == {
+        *LOSSES,
+        *FUNCTIONS,
         "KLActivityRegularizer",
-        "KLDivergence",
         "__version__",
-        "kl_divergence",
         "kld",
+        "metrics",
     }
     public = {name for name in vars(kl_keras) if not name.startswith("_")}
-    # Submodules are importable but not part of __all__.
+    # Submodules are importable but not part of __all__ (metrics is: it holds the twins).
     assert public - set(kl_keras.__all__) == {"divergence", "losses", "regularizers"}
+    metrics = {name for name in vars(kl_keras.metrics) if not name.startswith("_")}
+    assert metrics - {"keras", "losses"} == set(LOSSES)
 
 
 def test_registered_names_are_a_promise():
-    assert keras.saving.get_registered_name(kl_keras.kl_divergence) == "kl_keras>kl_divergence"
-    assert keras.saving.get_registered_name(kl_keras.KLDivergence) == "kl_keras>KLDivergence"
-    assert (
-        keras.saving.get_registered_name(kl_keras.KLActivityRegularizer)
-        == "kl_keras>KLActivityRegularizer"
-    )
-    for name, obj in [
-        ("kl_keras>kl_divergence", kl_keras.kl_divergence),
-        ("kl_keras>KLDivergence", kl_keras.KLDivergence),
-        ("kl_keras>KLActivityRegularizer", kl_keras.KLActivityRegularizer),
-    ]:
-        assert keras.saving.get_registered_object(name) is obj
+    # Every name registered by a release; never removed or renamed without an alias.
+    promised = {
+        **{f"kl_keras>{name}": getattr(kl_keras, name) for name in LOSSES + FUNCTIONS},
+        **{f"kl_keras.metrics>{name}": getattr(kl_keras.metrics, name) for name in LOSSES},
+        "kl_keras>KLActivityRegularizer": kl_keras.KLActivityRegularizer,
+    }
+    for name, obj in promised.items():
+        assert keras.saving.get_registered_object(name) is obj, name
+        assert keras.saving.get_registered_name(obj) == name
 
 
 def test_public_objects_subclass_keras_bases():
-    assert issubclass(kl_keras.KLDivergence, keras.losses.Loss)
+    for name in LOSSES:
+        assert issubclass(getattr(kl_keras, name), keras.losses.Loss)
+        assert issubclass(getattr(kl_keras.metrics, name), keras.metrics.Metric)
     assert issubclass(kl_keras.KLActivityRegularizer, keras.regularizers.Regularizer)
     assert kl_keras.kld is kl_keras.kl_divergence
 

@@ -69,7 +69,13 @@ def build_model(loss, activation):
     model.compile(
         keras.optimizers.Adam(1e-2),
         loss=loss,
-        metrics=[kl_keras.KLDivergence(from_logits=activation is None, name="kl")],
+        metrics=[
+            kl_keras.KLDivergence(from_logits=activation is None, name="kl"),
+            kl_keras.metrics.ReverseKLDivergence(from_logits=activation is None, name="rkl"),
+            kl_keras.metrics.JensenShannonDivergence(
+                beta=0.25, from_logits=activation is None, name="js"
+            ),
+        ],
     )
     return model
 
@@ -78,6 +84,11 @@ CASES = {
     "logits": (lambda: kl_keras.KLDivergence(from_logits=True, reduction="sum"), None),
     "probabilities": (lambda: kl_keras.KLDivergence(), "softmax"),
     "kld-function": (lambda: kl_keras.kld, "softmax"),
+    "jensen-shannon-logits": (
+        lambda: kl_keras.JensenShannonDivergence(beta=0.25, from_logits=True, name="js_loss"),
+        None,
+    ),
+    "jeffreys-probabilities": (lambda: kl_keras.JeffreysDivergence(reduction="sum"), "softmax"),
 }
 
 

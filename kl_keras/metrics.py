@@ -1,0 +1,135 @@
+"""Metric twins of the kl_keras losses: running means over batches, as `keras.metrics`.
+
+Use these in `metrics=` and `weighted_metrics=`: a `Loss` object in
+`weighted_metrics` raises in Keras, and under `tf.distribute` a `Loss` object
+used as a metric is divided by the number of replicas. Each metric is the
+(sample-weighted) mean of the per-sample divergence over everything it has
+seen since its last reset, like `keras.metrics.KLDivergence`, and takes the
+arguments of its loss minus `reduction`.
+"""
+
+import keras
+
+from kl_keras import _checks, losses
+
+_REGISTER = keras.saving.register_keras_serializable(package="kl_keras.metrics")
+
+
+class _DivergenceMetric(keras.metrics.MeanMetricWrapper):
+    """A running mean of one kl_keras divergence function."""
+
+    def __init__(self, fn, name, dtype, from_logits, axis, **kwargs):
+        from_logits = _checks.check_bool("from_logits", from_logits)
+        axis = _checks.check_axis(axis)
+        super().__init__(
+            fn=fn, name=name, dtype=dtype, from_logits=from_logits, axis=axis, **kwargs
+        )
+        self.from_logits = from_logits
+        self.axis = axis
+        self._direction = "down"
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "from_logits": self.from_logits,
+            "axis": self.axis,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        _checks.check_config(cls, config)
+        return cls(**config)
+
+
+@_REGISTER
+class KLDivergence(_DivergenceMetric):
+    """Running mean of KL(y_true ‖ y_pred); see `kl_keras.kl_divergence`.
+
+    Args:
+        from_logits: whether `y_pred` holds logits along `axis`.
+        axis: the axis along which the distributions lie.
+        name: name of the metric instance.
+        dtype: dtype of the metric's result.
+
+    Example:
+
+    >>> import numpy as np
+    >>> metric = KLDivergence()
+    >>> metric.update_state(np.array([[0.0, 1.0]]), np.array([[0.4, 0.6]]))
+    >>> round(float(metric.result()), 4)
+    0.5108
+    """
+
+    def __init__(self, from_logits=False, axis=-1, name="kl_divergence", dtype=None):
+        super().__init__(losses.kl_divergence, name, dtype, from_logits, axis)
+
+
+@_REGISTER
+class ReverseKLDivergence(_DivergenceMetric):
+    """Running mean of KL(y_pred ‖ y_true); see `kl_keras.reverse_kl_divergence`.
+
+    Args:
+        from_logits: whether `y_pred` holds logits along `axis`.
+        axis: the axis along which the distributions lie.
+        name: name of the metric instance.
+        dtype: dtype of the metric's result.
+    """
+
+    def __init__(self, from_logits=False, axis=-1, name="reverse_kl_divergence", dtype=None):
+        super().__init__(losses.reverse_kl_divergence, name, dtype, from_logits, axis)
+
+
+@_REGISTER
+class JeffreysDivergence(_DivergenceMetric):
+    """Running mean of the Jeffreys divergence; see `kl_keras.jeffreys_divergence`.
+
+    Args:
+        from_logits: whether `y_pred` holds logits along `axis`.
+        axis: the axis along which the distributions lie.
+        name: name of the metric instance.
+        dtype: dtype of the metric's result.
+    """
+
+    def __init__(self, from_logits=False, axis=-1, name="jeffreys_divergence", dtype=None):
+        super().__init__(losses.jeffreys_divergence, name, dtype, from_logits, axis)
+
+
+@_REGISTER
+class JensenShannonDivergence(_DivergenceMetric):
+    """Running mean of the Jensen-Shannon divergence; see `kl_keras.jensen_shannon_divergence`.
+
+    Args:
+        beta: the weight of `y_true` in the mixture, a float in [0, 1].
+        from_logits: whether `y_pred` holds logits along `axis`.
+        axis: the axis along which the distributions lie.
+        name: name of the metric instance.
+        dtype: dtype of the metric's result.
+    """
+
+    def __init__(
+        self, beta=0.5, from_logits=False, axis=-1, name="jensen_shannon_divergence", dtype=None
+    ):
+        beta = _checks.check_beta(beta)
+        super().__init__(
+            losses.jensen_shannon_divergence, name, dtype, from_logits, axis, beta=beta
+        )
+        self.beta = beta
+
+    def get_config(self):
+        return {**super().get_config(), "beta": self.beta}
+
+
+@_REGISTER
+class BinaryKLDivergence(_DivergenceMetric):
+    """Running mean of the binary KL divergence; see `kl_keras.binary_kl_divergence`.
+
+    Args:
+        from_logits: whether `y_pred` holds sigmoid logits.
+        axis: the axis summed over (the independent outputs).
+        name: name of the metric instance.
+        dtype: dtype of the metric's result.
+    """
+
+    def __init__(self, from_logits=False, axis=-1, name="binary_kl_divergence", dtype=None):
+        super().__init__(losses.binary_kl_divergence, name, dtype, from_logits, axis)
