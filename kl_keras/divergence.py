@@ -194,17 +194,40 @@ def reverse_kl_from_logits(y_true, logits, axis=-1):
     return nan_gradients_where_nan(ops.sum(_weighted_terms(ops.exp(log_pred), log_ratio), axis))
 
 
+def _log_floor(x):
+    """`log(max(x, epsilon))` with the derivative kept below the floor; NaN for negative `x`."""
+    return ops.log(floor_probabilities(x))
+
+
 def jeffreys_from_probabilities(y_true, y_pred, axis=-1):
-    """KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true), each with its own floor."""
-    forward = kl_from_probabilities(y_true, y_pred, axis=axis)
-    return forward + reverse_kl_from_probabilities(y_true, y_pred, axis=axis)
+    """KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true) on probabilities, both floored at epsilon.
+
+    ```python
+    loss = sum((y_true - y_pred) * (log(max(y_true, epsilon)) - log(max(y_pred, epsilon))))
+    ```
+
+    Symmetric in its arguments. Where both are at least epsilon it is forward plus reverse
+    KL exactly; an entry below epsilon differs from that sum by at most epsilon / e.
+    """
+    terms = (y_true - y_pred) * (_log_floor(y_true) - _log_floor(y_pred))
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
 def jeffreys_from_logits(y_true, logits, axis=-1):
-    """KL(y_true ‖ softmax(logits)) + KL(softmax(logits) ‖ y_true)."""
-    return kl_from_logits(y_true, logits, axis=axis) + reverse_kl_from_logits(
-        y_true, logits, axis=axis
-    )
+    """KL(y_true ‖ q) + KL(q ‖ y_true), q = softmax(logits), `y_true` floored at epsilon.
+
+    ```python
+    loss = sum((y_true - q) * (log(max(y_true, epsilon)) - log_softmax(logits)), axis=axis)
+    ```
+
+    A logit of `-inf` (q = 0) is allowed wherever `y_true` is 0.
+    """
+    log_pred = _log_softmax(logits, axis)
+    # A masked class with no target mass (y_true = 0, logit -inf) is 0 * inf: exactly 0.
+    masked = ops.logical_and(y_true == 0, ops.isinf(log_pred))
+    log_ratio = ops.where(masked, 0.0, _log_floor(y_true) - log_pred)
+    terms = (y_true - ops.exp(log_pred)) * log_ratio
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
 def jensen_shannon_from_probabilities(y_true, y_pred, beta=0.5, axis=-1):
@@ -280,11 +303,27 @@ def binary_kl_from_probabilities(y_true, y_pred, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
+def _log_sigmoids(logits):
+    """`(log_sigmoid(logits), log_sigmoid(-logits))` from one `log1p(exp(-|logits|))`.
+
+    `log_sigmoid(z) = min(z, 0) - log1p(exp(-|z|))` and `log_sigmoid(-z) = -relu(z) -
+    log1p(exp(-|z|))`. `-|z|` and `min(z, 0)` are `where`s that take the `z <= 0` branch at
+    0, and every backend gives `relu` the derivative 0 there, so every derivative is that
+    of the smooth function, at 0 as well (`sigmoid(0) = 0.5`, tested); `z = +inf` and
+    `z = -inf` give 0 and -inf as they should.
+    """
+    positive = logits > 0
+    softplus_of_negative_abs = ops.log1p(ops.exp(ops.where(positive, -logits, logits)))
+    log_on = ops.where(positive, 0.0, logits) - softplus_of_negative_abs
+    return log_on, -ops.relu(logits) - softplus_of_negative_abs
+
+
 def binary_kl_from_logits(y_true, logits, axis=-1):
-    """Binary KL against `sigmoid(logits)`, through `log_sigmoid`: nothing is clipped."""
-    positive = _weighted_terms(y_true, _log_target(y_true) - ops.log_sigmoid(logits))
+    """Binary KL against `sigmoid(logits)`, through log-sigmoids: nothing is clipped."""
+    log_on, log_off = _log_sigmoids(logits)
+    positive = _weighted_terms(y_true, _log_target(y_true) - log_on)
     off = 1.0 - y_true
-    negative = _weighted_terms(off, _log_target(off) - ops.log_sigmoid(-logits))
+    negative = _weighted_terms(off, _log_target(off) - log_off)
     return nan_gradients_where_nan(ops.sum(positive + negative, axis=axis))
 
 

@@ -32,7 +32,8 @@ def reverse(p, q):
 
 
 def jeffreys(p, q):
-    return forward(p, q) + reverse(p, q)
+    # forward + reverse where both are >= epsilon; symmetric, both floored, below it
+    return np.sum((p - q) * (np.log(np.maximum(p, EPSILON)) - np.log(np.maximum(q, EPSILON))), -1)
 
 
 def jsd(p, q, beta=0.5):
@@ -187,6 +188,42 @@ def test_jensen_shannon_survives_tiny_probabilities(tiny):
         expected_q = beta * (np.log(q64 / m) + 1) - (1 - beta) * cross
         np.testing.assert_allclose(grad_p, expected_p, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(grad_q, expected_q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl"] + DISTRIBUTIONS)
+def test_masked_logits_are_exact(name):
+    # A class masked with a -inf logit and no target mass drops out exactly: the value is
+    # the divergence over the other classes, every gradient finite, the masked one 0.
+    function, reference = (
+        (kl_keras.kl_divergence, forward) if name == "kl" else (FAMILY[name][0], FAMILY[name][3])
+    )
+    p = np.array([[0.6, 0.0, 0.4], [0.0, 0.5, 0.5]], dtype="float32")
+    z = np.array([[1.0, -np.inf, 2.0], [-np.inf, 0.3, -0.7]], dtype="float32")
+    value, (_, grad_z) = value_and_grad(lambda t, u: function(t, u, from_logits=True), p, z)
+    kept = np.isfinite(z)
+    expected = sum(
+        reference(np.float64(p[i][kept[i]]), softmax(np.float64(z[i][kept[i]]))) for i in range(2)
+    )
+    np.testing.assert_allclose(value, expected, rtol=2e-6)
+    assert np.all(np.isfinite(grad_z[kept])) and np.all(grad_z[~kept] == 0.0)
+
+
+def test_binary_kl_gradient_at_zero_logits():
+    # d/dz sum KL(Bernoulli(p) || Bernoulli(sigmoid(z))) = sigmoid(z) - p; 0.5 - p at z = 0,
+    # where log_sigmoid's two branches meet.
+    p = np.array([[0.1, 0.5, 0.9, 0.0, 1.0]], dtype="float32")
+    z = np.zeros_like(p)
+    _, (_, grad_z) = value_and_grad(
+        lambda t, u: kl_keras.binary_kl_divergence(t, u, from_logits=True), p, z
+    )
+    np.testing.assert_allclose(grad_z, 0.5 - p, rtol=1e-6, atol=1e-7)
+
+
+def test_binary_kl_infinite_logits_that_agree_with_the_target_give_zero():
+    p = np.array([[1.0, 0.0, 0.3]], dtype="float32")
+    z = np.array([[np.inf, -np.inf, 0.4]], dtype="float32")
+    value = to_numpy(kl_keras.binary_kl_divergence(p, z, from_logits=True))
+    np.testing.assert_allclose(value, binary(np.float64(p[:, 2:]), expit(0.4)), rtol=2e-6)
 
 
 def test_jensen_shannon_is_continuous_at_both_ends():
