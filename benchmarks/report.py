@@ -1,4 +1,4 @@
-"""Turn bench_kl.py / bench_regularizer.py JSON results into markdown tables and a PNG chart.
+"""Turn bench_kl.py / bench_regularizer.py / bench_family.py JSON results into markdown and a PNG.
 
 python benchmarks/report.py results/*.json --png benchmarks/kl_benchmark.png
 """
@@ -54,6 +54,24 @@ def regularizer_table(result):
     return "\n".join(lines)
 
 
+def family_table(result):
+    lines = [
+        f"**{result['backend']}** ({result['mode']}), Keras {result['keras']}: from logits, "
+        "fwd+bwd, ratio to the naive `keras.ops` form",
+        "",
+        "| size | divergence | contender | median ms | × naive |",
+        "|---|---|---|---:|---:|",
+    ]
+    for size, entry in result["family"].items():
+        for divergence, timings in entry["rows"].items():
+            for name, ms in timings.items():
+                lines.append(
+                    f"| {size} {tuple(entry['shape'])} | {divergence} | {name} | {ms:.2f} "
+                    f"| {ms / timings['naive']:.2f} |"
+                )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+")
@@ -62,7 +80,12 @@ def main():
     results = [json.load(open(path)) for path in args.results]
     kl_results = [r for r in results if "sizes" in r]
     for result in results:
-        print(kl_table(result) if "sizes" in result else regularizer_table(result))
+        if "sizes" in result:
+            print(kl_table(result))
+        elif "family" in result:
+            print(family_table(result))
+        else:
+            print(regularizer_table(result))
         print()
     if args.png and kl_results:
         names = ["kl_keras logits", "keras softmax+KLD", "kl_keras probs", "keras KLD probs"]

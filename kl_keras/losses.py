@@ -153,8 +153,12 @@ def jeffreys_divergence(y_true, y_pred, from_logits=False, axis=-1):
 
     Symmetric in P and Q, unbounded, and weighted 1:1 between the two
     directions (torchtune and DistiLLM weight a "symmetric" KL differently,
-    in opposite directions). Each direction keeps its own conventions: see
-    `kl_divergence` and `reverse_kl_divergence`.
+    in opposite directions). Both logarithms are floored at
+    `keras.config.epsilon()` with the gradient kept (with `from_logits=True`,
+    only `log(y_true)`: `log_softmax` needs no floor), so a zero on either side
+    gives a large finite value; where every entry is at least epsilon the value
+    is exactly `kl_divergence + reverse_kl_divergence`, and an entry below it
+    changes that sum by at most epsilon / e.
 
     Args:
         y_true: target probabilities P.
