@@ -1,6 +1,7 @@
 """kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
 from kl_keras import metrics
+from kl_keras.distillation import LogitsDistillation
 from kl_keras.losses import (
     BinaryKLDivergence,
     JeffreysDivergence,
@@ -24,6 +25,7 @@ __all__ = [
     "JensenShannonDivergence",
     "KLActivityRegularizer",
     "KLDivergence",
+    "LogitsDistillation",
     "ReverseKLDivergence",
     "__version__",
     "binary_kl_divergence",

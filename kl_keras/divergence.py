@@ -327,6 +327,58 @@ def binary_kl_from_logits(y_true, logits, axis=-1):
     return nan_gradients_where_nan(ops.sum(positive + negative, axis=axis))
 
 
+DISTILLATION_DIVERGENCES = ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
+
+
+def _floor_log(log_x):
+    """`max(log_x, log(epsilon))`, NaN kept; the derivative below the floor is 0."""
+    log_epsilon = math.log(keras.config.epsilon())
+    keep = ops.logical_or(log_x >= log_epsilon, ops.isnan(log_x))
+    return ops.where(keep, log_x, log_epsilon)
+
+
+def distillation_from_logits(teacher_logits, student_logits, temperature, divergence, beta, axis):
+    """`temperature**2 * D(softmax(teacher / T) ‖ softmax(student / T))`, both sides in log space.
+
+    `divergence` is one of `DISTILLATION_DIVERGENCES`; `temperature` a Python float > 0
+    and `beta` one in [0, 1], both checked by the caller. With P the teacher's and Q the
+    student's distribution at temperature T:
+
+    - `"kl"`: KL(P ‖ Q); `"reverse_kl"`: KL(Q ‖ P); `"jeffreys"`: their sum;
+      `"jensen_shannon"`: (1 - beta) KL(P ‖ M) + beta KL(Q ‖ M), M = beta P + (1 - beta) Q,
+      with log M the `logaddexp` of the weighted log-probabilities.
+    - Teacher logits of `-inf` (masked entries): exact for `"kl"` and `"jensen_shannon"`.
+      For `"reverse_kl"` and `"jeffreys"` the true value is infinite wherever the student
+      puts mass there, so log P is floored at `log(epsilon)` (derivative 0 below it).
+    """
+    log_true = _log_softmax(teacher_logits / temperature, axis)
+    log_pred = _log_softmax(student_logits / temperature, axis)
+    true, pred = ops.exp(log_true), ops.exp(log_pred)
+    if divergence == "jensen_shannon" and beta == 0.0:
+        divergence = "kl"
+    if divergence == "jensen_shannon" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "kl":
+        terms = _weighted_terms(true, log_true - log_pred)
+    elif divergence == "reverse_kl":
+        terms = _weighted_terms(pred, log_pred - _floor_log(log_true))
+    elif divergence == "jeffreys":
+        # A class masked on both sides (P = Q = 0) is 0 * inf: exactly 0.
+        both_masked = ops.logical_and(ops.isinf(log_true), ops.isinf(log_pred))
+        log_ratio = ops.where(both_masked, 0.0, _floor_log(log_true) - log_pred)
+        terms = (true - pred) * log_ratio
+    else:
+        # Where both are masked, logaddexp(-inf, -inf) has NaN derivatives: give it zeros.
+        both_masked = ops.logical_and(ops.isinf(log_true), ops.isinf(log_pred))
+        log_mixture = ops.logaddexp(
+            math.log(beta) + ops.where(both_masked, 0.0, log_true),
+            math.log(1.0 - beta) + ops.where(both_masked, 0.0, log_pred),
+        )
+        terms = (1.0 - beta) * _weighted_terms(true, log_true - log_mixture)
+        terms = terms + beta * _weighted_terms(pred, log_pred - log_mixture)
+    return nan_gradients_where_nan(temperature**2 * ops.sum(terms, axis=axis))
+
+
 def bernoulli_kl(rho, rho_hat):
     """KL(Bernoulli(rho) ‖ Bernoulli(rho_hat)), elementwise, both terms.
 

@@ -52,6 +52,23 @@ def reference_binary(p, q):
     return np.sum(rel_entr(p, q) + rel_entr(1 - p, 1 - q), axis=-1)
 
 
+def reference_distillation(teacher, student, divergence, temperature=2.0, beta=0.3):
+    p, q = softmax(teacher / temperature, axis=-1), softmax(student / temperature, axis=-1)
+    value = {
+        "kl": lambda: np.sum(rel_entr(p, q), -1),
+        "reverse_kl": lambda: np.sum(rel_entr(q, p), -1),
+        "jeffreys": lambda: np.sum(rel_entr(p, q) + rel_entr(q, p), -1),
+        "jensen_shannon": lambda: reference_jsd(p, q, beta),
+    }[divergence]()
+    return temperature**2 * value
+
+
+def two_logits(rng):
+    # Unit-scale logits: with larger values the reference H·v (nested float64 central
+    # differences) loses digits to rounding before float32 does.
+    return [rng.normal(size=(2, 3, 4)).astype("float32") for _ in range(2)]
+
+
 def probs(rng):
     return [probabilities(rng, (2, 3, 4)), probabilities(rng, (2, 3, 4))]
 
@@ -102,6 +119,16 @@ CASES = {
         lambda p, z: reference_binary(p, 1 / (1 + np.exp(-z))),
         lambda rng: [binary(rng)[0], rng.normal(size=(2, 3, 4)).astype("float32")],
     ),
+    **{
+        f"LogitsDistillation {divergence}": Case(
+            lambda t, s, d=divergence: kl_keras.LogitsDistillation(
+                2.0, d, beta=0.3, reduction="none"
+            )(t, s),
+            lambda t, s, d=divergence: reference_distillation(t, s, d),
+            two_logits,
+        )
+        for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
+    },
     "KLActivityRegularizer.penalty": Case(
         lambda x: kl_keras.KLActivityRegularizer(rho=0.2, beta=1.5).penalty(x),
         reference_penalty,

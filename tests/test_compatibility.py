@@ -10,6 +10,7 @@ kl_keras cannot be imported.
 import inspect
 import json
 import pathlib
+import warnings
 
 import keras
 import numpy as np
@@ -18,13 +19,45 @@ from helpers import BACKEND, run_in_fresh_process, to_numpy
 
 import kl_keras  # noqa: F401  (registers the objects the fixtures name)
 
-FIXTURES = sorted(pathlib.Path(__file__).resolve().parent.joinpath("fixtures").glob("*.keras"))
+ALL_FIXTURES = sorted(pathlib.Path(__file__).resolve().parent.joinpath("fixtures").glob("*.keras"))
+# Compiled models (a loss and a "hidden" layer's regularizer), and Distillers.
+DISTILLERS = [
+    p for p in ALL_FIXTURES if "distillation_losses" in p.with_suffix(".json").read_text()
+]
+FIXTURES = [p for p in ALL_FIXTURES if p not in DISTILLERS]
 
 
 def test_there_are_fixtures():
-    assert len(FIXTURES) >= 9
-    versions = {json.loads(p.with_suffix(".json").read_text())["kl_keras"] for p in FIXTURES}
+    assert len(FIXTURES) >= 10 and len(DISTILLERS) >= 1
+    versions = {json.loads(p.with_suffix(".json").read_text())["kl_keras"] for p in ALL_FIXTURES}
     assert {"0.1.0", "0.2.0.dev0"} <= versions
+
+
+@pytest.mark.parametrize("path", DISTILLERS, ids=[p.stem for p in DISTILLERS])
+def test_distiller_fixture_loads_with_its_distillation_losses(path):
+    expected = json.loads(path.with_suffix(".json").read_text())
+    with warnings.catch_warnings():  # Keras: a Distiller's custom compile() is not restored
+        warnings.filterwarnings("ignore", r"`compile\(\)` was not called", UserWarning)
+        distiller = keras.models.load_model(path)
+    losses = distiller.distillation_losses
+    assert [keras.saving.serialize_keras_object(m) for m in losses] == expected[
+        "distillation_losses"
+    ]
+    x = np.array(expected["x"], "float32")
+    np.testing.assert_allclose(
+        to_numpy(distiller.predict(x, verbose=0)), expected["predict"], rtol=1e-5, atol=1e-6
+    )
+    teacher, student = distiller.teacher(x), distiller.student(x)
+    values = [float(to_numpy(loss(teacher, student))) for loss in losses]
+    np.testing.assert_allclose(values, expected["loss_values"], rtol=1e-5, atol=1e-7)
+    # Keras's Distiller is loaded uncompiled (its compile() is custom): compile, train on.
+    distiller.compile(
+        keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    y = np.argmax(expected["teacher_predict"], axis=-1)
+    history = distiller.fit(x, y, epochs=1, verbose=0).history["distillation_loss"]
+    assert np.all(np.isfinite(history))
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])

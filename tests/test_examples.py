@@ -35,3 +35,20 @@ def test_save_and_load(tmp_path):
     assert "distilled_student.keras:" in output and "distilled_student.h5:" in output
     differences = re.findall(r"max \|predict difference\| (\S+),", output)
     assert len(differences) == 2 and all(float(d) < 1e-5 for d in differences)
+
+
+def test_distillation(tmp_path):
+    output = run_example(
+        "distillation.py", "--epochs", "10", "--teacher-epochs", "3", "--out", str(tmp_path)
+    )
+    rows = dict(
+        line.strip().rsplit(maxsplit=1) for line in output.splitlines() if line.startswith("  ")
+    )
+    names = {name.strip() for name in rows}
+    assert "student alone" in names and "Keras LogitsDistillation() (T=3)" in names
+    for divergence in ("kl", "reverse_kl", "jensen_shannon"):
+        for temperature in ("1", "4"):
+            assert f"kl_keras {divergence} T={temperature}" in names
+    assert all(0.0 <= float(value) <= 1.0 for value in rows.values())
+    png = (tmp_path / "distillation_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -29,13 +29,19 @@ def test_all_is_exactly_the_public_surface():
         *LOSSES,
         *FUNCTIONS,
         "KLActivityRegularizer",
+        "LogitsDistillation",
         "__version__",
         "kld",
         "metrics",
     }
     public = {name for name in vars(kl_keras) if not name.startswith("_")}
     # Submodules are importable but not part of __all__ (metrics is: it holds the twins).
-    assert public - set(kl_keras.__all__) == {"divergence", "losses", "regularizers"}
+    assert public - set(kl_keras.__all__) == {
+        "distillation",
+        "divergence",
+        "losses",
+        "regularizers",
+    }
     metrics = {name for name in vars(kl_keras.metrics) if not name.startswith("_")}
     assert metrics - {"keras", "losses"} == set(LOSSES)
 
@@ -46,6 +52,7 @@ def test_registered_names_are_a_promise():
         **{f"kl_keras>{name}": getattr(kl_keras, name) for name in LOSSES + FUNCTIONS},
         **{f"kl_keras.metrics>{name}": getattr(kl_keras.metrics, name) for name in LOSSES},
         "kl_keras>KLActivityRegularizer": kl_keras.KLActivityRegularizer,
+        "kl_keras>LogitsDistillation": kl_keras.LogitsDistillation,
     }
     for name, obj in promised.items():
         assert keras.saving.get_registered_object(name) is obj, name
@@ -57,6 +64,8 @@ def test_public_objects_subclass_keras_bases():
         assert issubclass(getattr(kl_keras, name), keras.losses.Loss)
         assert issubclass(getattr(kl_keras.metrics, name), keras.metrics.Metric)
     assert issubclass(kl_keras.KLActivityRegularizer, keras.regularizers.Regularizer)
+    assert issubclass(kl_keras.LogitsDistillation, keras.losses.Loss)
+    assert issubclass(kl_keras.LogitsDistillation, keras.distillation.DistillationLoss)
     assert kl_keras.kld is kl_keras.kl_divergence
 
 

@@ -1,0 +1,159 @@
+"""Knowledge distillation from logits, as a Keras loss and as a `keras.distillation` loss."""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+from kl_keras import _checks
+from kl_keras import divergence as _math
+
+
+def _check_temperature(value):
+    expected = "a finite number > 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Invalid type for argument `temperature`. Expected {expected}. "
+            f"Received: temperature={value!r} of type {type(value).__name__}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"Invalid value for argument `temperature`. Expected {expected}. "
+            f"Received: temperature={value!r}"
+        )
+    return float(value)
+
+
+def _check_divergence(value):
+    if value not in _math.DISTILLATION_DIVERGENCES:
+        valid = ", ".join(repr(name) for name in _math.DISTILLATION_DIVERGENCES)
+        raise ValueError(
+            f"Invalid value for argument `divergence`. Expected one of {valid}. "
+            f"Received: divergence={value!r}"
+        )
+    return value
+
+
+@keras.saving.register_keras_serializable(package="kl_keras")
+class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss):
+    """Distillation loss T²·D(softmax(teacher / T) ‖ softmax(student / T)) from two sets of logits.
+
+    One object for both ways in. As a Keras loss, `y_true` holds the teacher's
+    logits and `y_pred` the student's:
+    `student.compile(loss=LogitsDistillation(temperature=4.0))`, then
+    `student.fit(x, teacher_logits)`, with Keras's reductions, sample weights
+    (one per token for sequences, so padding can be weighted out) and masks.
+    As a `keras.distillation.DistillationLoss`:
+    `keras.distillation.Distiller(teacher, student,
+    distillation_losses=LogitsDistillation(temperature=4.0))`.
+
+    ```python
+    log_p = log_softmax(y_true / temperature, axis)   # the teacher, P
+    log_q = log_softmax(y_pred / temperature, axis)   # the student, Q
+    loss = temperature**2 * D(P ‖ Q)
+    ```
+
+    `divergence` picks D: `"kl"` (forward KL(P ‖ Q), Hinton et al. 2015),
+    `"reverse_kl"` (KL(Q ‖ P)), `"jeffreys"` (their sum) or `"jensen_shannon"`
+    ((1 − β)·KL(P ‖ M) + β·KL(Q ‖ M), M = β·P + (1 − β)·Q, continuous in β as
+    in `kl_keras.jensen_shannon_divergence`). Both sides stay in log space:
+    nothing is clipped and no probability is formed where a log is needed, so
+    the value is exact at any vocabulary size.
+
+    The T² factor keeps the gradient's scale independent of T: for `"kl"` the
+    gradient with respect to the student's logits is
+    `temperature * (softmax(y_pred / T) - softmax(y_true / T))` times the
+    reduction's scale. TRL's `generalized_jsd_loss`, Liger-Kernel's `LigerJSD`
+    and torchtune's KL losses apply no T²: a port from them changes the loss's
+    scale by T². `keras.distillation.LogitsDistillation` applies T² only when its
+    loss is a `keras.losses.KLDivergence` instance; its default
+    `loss="kl_divergence"` clips the scaled logits as if they were
+    probabilities and returns a wrong value with wrong gradients.
+
+    Teacher logits of `-inf` (masked vocabulary entries) give finite values and
+    gradients: the exact ones for `"kl"` and `"jensen_shannon"`; for
+    `"reverse_kl"` and `"jeffreys"`, whose true value is infinite wherever the
+    student puts mass on a masked entry, the teacher's log-probability is
+    floored at `log(keras.config.epsilon())` (the floor of
+    `kl_keras.reverse_kl_divergence`, in log space). A NaN logit makes its
+    distribution's value and gradients NaN.
+
+    Args:
+        temperature: T, a finite number > 0.
+        divergence: one of `"kl"`, `"reverse_kl"`, `"jeffreys"`,
+            `"jensen_shannon"`.
+        beta: the weight of the teacher in the Jensen-Shannon mixture, in
+            [0, 1]; used only by `"jensen_shannon"`.
+        axis: the axis of the logits that holds the classes (vocabulary).
+        reduction: as in Keras losses; `"sum_over_batch_size"` averages over
+            every position (every token of a sequence).
+        name: name of the loss instance.
+        dtype: dtype of the loss's computations, as in Keras losses.
+            float16 and bfloat16 are computed in float32 internally.
+
+    Example:
+
+    >>> import numpy as np
+    >>> teacher = np.array([[2.0, 1.0, -1.0]])
+    >>> student = np.array([[0.5, 0.0, 0.2]])
+    >>> loss = LogitsDistillation(temperature=2.0)
+    >>> round(float(loss(teacher, student)), 5)
+    0.47581
+    """
+
+    def __init__(
+        self,
+        temperature=1.0,
+        divergence="kl",
+        beta=0.5,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="logits_distillation",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = _check_temperature(temperature)
+        self.divergence = _check_divergence(divergence)
+        self.beta = _checks.check_beta(beta)
+        self.axis = _checks.check_axis(axis)
+        # Keras's Loss.get_config leaves `dtype` out on some versions: kept here, as given.
+        self._dtype_argument = None if dtype is None else self._dtype_policy.name
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.convert_to_tensor(y_pred)
+        input_dtype = keras.backend.standardize_dtype(y_pred.dtype)
+        dtype = _math.computation_dtype(input_dtype)
+        y_pred = ops.cast(y_pred, dtype)
+        y_true = ops.cast(ops.convert_to_tensor(y_true), dtype)
+        _checks.check_distribution_shapes(y_true.shape, y_pred.shape, self.axis)
+        values = _math.distillation_from_logits(
+            y_true, y_pred, self.temperature, self.divergence, self.beta, self.axis
+        )
+        result_dtype = input_dtype if keras.backend.is_float_dtype(input_dtype) else dtype
+        return ops.cast(values, result_dtype)
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        """The loss summed over the outputs' structure (`keras.distillation` entry point)."""
+        losses = keras.tree.flatten(
+            keras.tree.map_structure(self, teacher_outputs, student_outputs)
+        )
+        return losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "temperature": self.temperature,
+                "divergence": self.divergence,
+                "beta": self.beta,
+                "axis": self.axis,
+                "dtype": self._dtype_argument,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        _checks.check_config(cls, config)
+        return cls(**config)
