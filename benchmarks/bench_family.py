@@ -8,6 +8,9 @@ PyTorch eager), contenders interleaved call by call, medians. Contenders per div
 - `kl_keras`: the kl_keras loss class, `from_logits=True`;
 - `naive`: the same formula written the way users write it with `keras.ops`: softmax (or
   sigmoid), then logs of probabilities clipped to [1e-7, 1] as Keras's own KL clips them;
+- `logits_distillation`: `LogitsDistillation(temperature=4)` on teacher and student logits,
+  against softmax of both / T, `keras.losses.KLDivergence` and T² (what Keras's own
+  `LogitsDistillation` computes when given a `KLDivergence` instance);
 - peers: `F.kl_div(log P, softmax(z))` for reverse KL (torch backend); TRL's
   `generalized_jsd_loss` formula (two log-softmaxes mixed with `logsumexp`, two `kl_div`s with
   `log_target`) written with `keras.ops` for Jensen-Shannon; `binary_cross_entropy_with_logits`
@@ -28,6 +31,7 @@ from keras import ops
 import kl_keras
 
 BETA = 0.5
+TEMPERATURE = 4.0
 
 
 def clipped_log(x):
@@ -96,6 +100,16 @@ def contenders():
         loss = cls(from_logits=True)
         table[name] = {"kl_keras": lambda p, z, loss=loss: loss(p, z), "naive": naive(name)}
     table["jensen_shannon"]["TRL formula"] = trl_jsd
+    # Distillation: both arguments are logits; the naive form is the one Keras computes when
+    # its LogitsDistillation is given a keras.losses.KLDivergence instance (its correct use).
+    distillation = kl_keras.LogitsDistillation(temperature=TEMPERATURE)
+    keras_kl = keras.losses.KLDivergence()
+
+    def keras_distillation(teacher, z):
+        p = ops.softmax(teacher / TEMPERATURE)
+        return keras_kl(p, ops.softmax(z / TEMPERATURE)) * TEMPERATURE**2
+
+    table["logits_distillation"] = {"kl_keras": distillation, "naive": keras_distillation}
     if BACKEND == "torch":
         import torch.nn.functional as F
 
@@ -120,6 +134,8 @@ def run(shape, repeats):
         p, z = make_inputs(shape, "logits")
         if divergence == "binary_kl":  # independent events: entries in (0, 1), not rows
             p = ops.sigmoid(z * 0.5 + 0.3)
+        if divergence == "logits_distillation":  # teacher logits, not probabilities
+            p = ops.flip(z, axis=-1) * 2.0
         prepared = {}
         for name, fn in entries.items():
             step, block = compile_value_and_grad(fn, torch_compile=False)
@@ -151,7 +167,7 @@ def main():
         for divergence, timings in rows.items():
             for name, ms in timings.items():
                 ratio = ms / timings["naive"]
-                print(f"  {divergence:<16}{name:<34}{ms:9.2f} ms  {ratio:.2f}x naive")
+                print(f"  {divergence:<21}{name:<34}{ms:9.2f} ms  {ratio:.2f}x naive")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(output, f, indent=1)
