@@ -1,7 +1,9 @@
 """kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
-from kl_keras import metrics
+from kl_keras import metrics, schedules
 from kl_keras.distillation import LogitsDistillation
+from kl_keras.divergence import gaussian_kl_divergence
+from kl_keras.layers import VariationalSampling
 from kl_keras.losses import (
     BinaryKLDivergence,
     JeffreysDivergence,
@@ -27,12 +29,15 @@ __all__ = [
     "KLDivergence",
     "LogitsDistillation",
     "ReverseKLDivergence",
+    "VariationalSampling",
     "__version__",
     "binary_kl_divergence",
+    "gaussian_kl_divergence",
     "jeffreys_divergence",
     "jensen_shannon_divergence",
     "kl_divergence",
     "kld",
     "metrics",
     "reverse_kl_divergence",
+    "schedules",
 ]

@@ -47,6 +47,15 @@ def check_real(name, value, expected, is_valid):
     return value
 
 
+def check_positive_int(name, value):
+    """Returns `value` as a Python int if it is an integer >= 1; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _wrong_type(name, "an int >= 1", value)
+    if value < 1:
+        raise _invalid(name, "an int >= 1", value)
+    return int(value)
+
+
 def check_beta(value):
     """The mixture weight of the Jensen-Shannon divergence: a float in [0, 1]."""
     return check_real("beta", value, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)

@@ -63,6 +63,11 @@ def reference_distillation(teacher, student, divergence, temperature=2.0, beta=0
     return temperature**2 * value
 
 
+def reference_gaussian_kl(mean, log_var, prior_mean, prior_log_var):
+    d = log_var - prior_log_var
+    return 0.5 * np.sum(np.expm1(d) - d + (mean - prior_mean) ** 2 * np.exp(-prior_log_var), -1)
+
+
 def two_logits(rng):
     # Unit-scale logits: with larger values the reference H·v (nested float64 central
     # differences) loses digits to rounding before float32 does.
@@ -129,6 +134,11 @@ CASES = {
         )
         for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
     },
+    "gaussian_kl_divergence": Case(
+        kl_keras.gaussian_kl_divergence,
+        lambda m, lv, pm, plv: reference_gaussian_kl(m, lv, pm, plv),
+        lambda rng: [rng.normal(size=(2, 3, 4)).astype("float32") for _ in range(4)],
+    ),
     "KLActivityRegularizer.penalty": Case(
         lambda x: kl_keras.KLActivityRegularizer(rho=0.2, beta=1.5).penalty(x),
         reference_penalty,

@@ -1,0 +1,195 @@
+"""Keras layers that add a KL term to the model's losses; the only objects here with state.
+
+Under JAX, Keras compiles the training step as a pure function of the model's
+variables: a `keras.Variable` held by a loss or a regularizer is read once, when
+the step is traced, and never again. A layer's variables are arguments of the
+step, so a step counter and a β schedule that live in the layer advance inside
+the compiled step, identically on TensorFlow, JAX and PyTorch.
+"""
+
+import keras
+from keras import ops
+
+from kl_keras import _checks
+from kl_keras._distribute import global_sum_and_count
+from kl_keras.divergence import computation_dtype, gaussian_kl
+
+
+def _check_weight(value):
+    """`beta` of a layer: a float >= 0, or any Keras `LearningRateSchedule`."""
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return value
+    if isinstance(value, dict):  # a serialized schedule, from `get_config`
+        return _check_weight(keras.saving.deserialize_keras_object(value))
+    return _checks.check_real(
+        "beta",
+        value,
+        "a finite float >= 0 or a keras.optimizers.schedules.LearningRateSchedule",
+        lambda v: 0.0 <= v < float("inf"),
+    )
+
+
+class _ScheduledWeight(keras.layers.Layer):
+    """A layer whose `beta` may follow a schedule of its own training steps.
+
+    It owns two non-trainable variables: `step`, the number of training calls
+    so far, and `beta`, the β of the latest training call (the initial β
+    before the first). A training call uses `schedule(step)` and then advances
+    `step`; other calls use the stored β and change nothing.
+    """
+
+    def __init__(self, beta, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = _check_weight(beta)
+
+    def _build_schedule_state(self):
+        scheduled = isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule)
+        initial = float(ops.convert_to_numpy(self.beta(0))) if scheduled else self.beta
+        # "only_first_replica": every replica of a tf.distribute strategy computes the
+        # same update, which the first one writes (as Keras's optimizer iterations).
+        self.step = self.add_weight(
+            shape=(),
+            dtype="int",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="step",
+        )
+        self.current_beta = self.add_weight(
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(initial),
+            trainable=False,
+            aggregation="only_first_replica",
+            name="beta",
+        )
+
+    def _weight(self, training):
+        """β for this call, advancing the schedule in training calls."""
+        if not isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule):
+            return ops.convert_to_tensor(self.beta, "float32")
+        if not training:
+            return ops.convert_to_tensor(self.current_beta)
+        beta = ops.cast(self.beta(self.step), "float32")
+        self.current_beta.assign(beta)
+        self.step.assign_add(ops.ones((), self.step.dtype))
+        return beta
+
+    def get_config(self):
+        config = super().get_config()
+        beta = self.beta
+        if isinstance(beta, keras.optimizers.schedules.LearningRateSchedule):
+            beta = keras.saving.serialize_keras_object(beta)
+        config.update({"beta": beta})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kl_keras")
+class VariationalSampling(_ScheduledWeight):
+    """Samples a VAE's latent code and adds β·KL(q ‖ p) to the model's losses.
+
+    Called on `[mean, log_var]` (a standard-normal prior) or on `[mean,
+    log_var, prior_mean, prior_log_var]` (a learned or conditional prior), it
+    returns the reparameterised sample (Kingma & Welling, "Auto-Encoding
+    Variational Bayes", 2014)
+
+    ```python
+    z = mean + exp(log_var / 2) * epsilon       # epsilon ~ N(0, I), training
+    z = mean                                    # otherwise
+    loss = beta * sum(max(mean_over_batch(kl), free_bits))   # added with add_loss
+    ```
+
+    where `kl` is `gaussian_kl_divergence` per latent dimension (every axis but
+    the first). Without free bits the added loss is β times the batch mean of
+    the per-sample KL, so it means the same at every batch size. Under
+    `tf.distribute` the batch mean is over the global batch (an all-reduce
+    across replicas), as under JAX's `keras.distribution`. The KL is added in
+    every call, also when not training, so `val_loss` and `evaluate` measure
+    the same objective as `loss` (with the β of the latest training step).
+
+    Free bits (Kingma et al., "Improved Variational Inference with Inverse
+    Autoregressive Flow", 2016): with `free_bits = λ > 0` each latent
+    dimension's batch-mean KL is floored at λ nats, so a dimension whose KL is
+    below λ costs λ and gets no KL gradient; the encoder can use the first λ
+    nats of every dimension for free.
+
+    `beta` is a float or a schedule of the step: any
+    `keras.optimizers.schedules.LearningRateSchedule`, such as
+    `kl_keras.schedules.LinearWarmup` or `kl_keras.schedules.CyclicalAnnealing`.
+    The layer counts its training calls in the non-trainable variable `step`
+    (saved with the model, so training resumed after loading continues the
+    schedule) and keeps the β in use in `current_beta`; the first training
+    step uses `beta(0)`. Both advance inside the compiled step, on JAX too. A
+    layer called twice in one step advances twice.
+
+    The KL is computed in float32 for float16 / bfloat16 inputs (mixed
+    precision) and `z` is returned in the layer's compute dtype.
+
+    Args:
+        beta: the weight of the KL term: a float >= 0, or a
+            `LearningRateSchedule`.
+        free_bits: the floor λ >= 0 of each dimension's batch-mean KL, in nats.
+        seed: an int seed of the noise, or None.
+        name: the layer's name.
+        **kwargs: other `keras.layers.Layer` arguments (`dtype`, ...).
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = VariationalSampling(beta=1.0)
+    >>> mean = np.array([[0.5, -1.0]], dtype="float32")
+    >>> log_var = np.array([[0.2, -0.7]], dtype="float32")
+    >>> z = layer([mean, log_var], training=True)
+    >>> tuple(z.shape)
+    (1, 2)
+    >>> round(float(layer.losses[0]), 6)  # β times gaussian_kl_divergence
+    0.733994
+    """
+
+    def __init__(self, beta=1.0, free_bits=0.0, seed=None, name=None, **kwargs):
+        super().__init__(beta=beta, name=name, **kwargs)
+        self.free_bits = _checks.check_real(
+            "free_bits", free_bits, "a finite float >= 0", lambda v: 0.0 <= v < float("inf")
+        )
+        self.seed = seed  # checked by SeedGenerator: an int or None
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        shapes = input_shape if isinstance(input_shape, (list, tuple)) else [input_shape]
+        if not (len(shapes) in (2, 4) and all(isinstance(s, (list, tuple)) for s in shapes)):
+            raise ValueError(
+                "VariationalSampling expects a list [mean, log_var] or [mean, log_var, "
+                f"prior_mean, prior_log_var]. Received inputs of shapes: {input_shape}"
+            )
+        if tuple(shapes[0]) != tuple(shapes[1]):
+            raise ValueError(
+                "`mean` and `log_var` must have the same shape. Received: "
+                f"mean.shape={tuple(shapes[0])}, log_var.shape={tuple(shapes[1])}"
+            )
+        self._build_schedule_state()
+
+    def call(self, inputs, training=None):
+        mean, log_var, *prior = inputs
+        dtype = computation_dtype(mean.dtype)
+        mean, log_var = ops.cast(mean, dtype), ops.cast(log_var, dtype)
+        prior_mean, prior_log_var = (ops.cast(x, dtype) for x in prior) if prior else (0.0, 0.0)
+        kl = gaussian_kl(mean, log_var, prior_mean, prior_log_var)
+        total, count = global_sum_and_count(kl, axis=(0,))
+        kl_per_dimension = total / ops.maximum(count, 1.0)  # an empty batch adds 0
+        if self.free_bits > 0:
+            # `where`, not `maximum`: NaN stays NaN, and the floor has no gradient.
+            floored = kl_per_dimension < self.free_bits
+            kl_per_dimension = ops.where(floored, self.free_bits, kl_per_dimension)
+        self.add_loss(self._weight(training) * ops.sum(kl_per_dimension))
+        if not training:
+            return ops.cast(mean, self.compute_dtype)
+        noise = keras.random.normal(ops.shape(mean), dtype=dtype, seed=self.seed_generator)
+        return ops.cast(mean + ops.exp(0.5 * log_var) * noise, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"free_bits": self.free_bits, "seed": self.seed})
+        return config
