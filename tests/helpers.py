@@ -69,3 +69,24 @@ def run_in_fresh_process(code, cwd, backend=BACKEND, timeout=600):
             f"child process failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result.stdout
+
+
+class PerStepLoss(keras.callbacks.Callback):
+    """Records the loss of every training step, from the running means in `logs`.
+
+    Keras logs the epoch's running mean of the loss after each batch; with equal
+    batch sizes the k-th batch's own loss is `(k + 1) * mean_k - k * mean_(k-1)`.
+    What is recorded is what reached the compiled step, on every backend.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        mean = float(logs["loss"])
+        self.losses.append((batch + 1) * mean - batch * self._previous)
+        self._previous = mean

@@ -20,15 +20,21 @@ from helpers import BACKEND, run_in_fresh_process, to_numpy
 import kl_keras  # noqa: F401  (registers the objects the fixtures name)
 
 ALL_FIXTURES = sorted(pathlib.Path(__file__).resolve().parent.joinpath("fixtures").glob("*.keras"))
-# Compiled models (a loss and a "hidden" layer's regularizer), and Distillers.
-DISTILLERS = [
-    p for p in ALL_FIXTURES if "distillation_losses" in p.with_suffix(".json").read_text()
-]
-FIXTURES = [p for p in ALL_FIXTURES if p not in DISTILLERS]
+
+
+def _with_key(key):
+    return [p for p in ALL_FIXTURES if key in json.loads(p.with_suffix(".json").read_text())]
+
+
+# Compiled models (a loss and a "hidden" layer's regularizer), Distillers, and models
+# with kl_keras layers (their configs and state under "layers").
+DISTILLERS = _with_key("distillation_losses")
+LAYERS = _with_key("layers")
+FIXTURES = [p for p in ALL_FIXTURES if p not in DISTILLERS + LAYERS]
 
 
 def test_there_are_fixtures():
-    assert len(FIXTURES) >= 10 and len(DISTILLERS) >= 1
+    assert len(FIXTURES) >= 10 and len(DISTILLERS) >= 1 and len(LAYERS) >= 1
     versions = {json.loads(p.with_suffix(".json").read_text())["kl_keras"] for p in ALL_FIXTURES}
     assert {"0.1.0", "0.2.0.dev0"} <= versions
 
@@ -58,6 +64,28 @@ def test_distiller_fixture_loads_with_its_distillation_losses(path):
     y = np.argmax(expected["teacher_predict"], axis=-1)
     history = distiller.fit(x, y, epochs=1, verbose=0).history["distillation_loss"]
     assert np.all(np.isfinite(history))
+
+
+@pytest.mark.parametrize("path", LAYERS, ids=[p.stem for p in LAYERS])
+def test_layer_fixture_loads_with_its_state_and_trains_on(path):
+    expected = json.loads(path.with_suffix(".json").read_text())
+    model = keras.models.load_model(path)
+    for name, serialized in expected["layers"].items():
+        assert keras.saving.serialize_keras_object(model.get_layer(name)) == serialized
+    layer = model.get_layer("z")
+    assert int(to_numpy(layer.step)) == expected["step"]
+    np.testing.assert_allclose(to_numpy(layer.current_beta), expected["current_beta"], rtol=1e-6)
+    x = np.array(expected["x"], "float32")
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), expected["predict"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(model.evaluate(x, x, verbose=0), expected["evaluate"], rtol=1e-5)
+    # Training continues the schedule from the saved step.
+    model.fit(x, x, batch_size=len(x), epochs=2, verbose=0)
+    assert int(to_numpy(layer.step)) == expected["step"] + 2
+    np.testing.assert_allclose(
+        to_numpy(layer.current_beta), to_numpy(layer.beta(expected["step"] + 1)), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
