@@ -13,7 +13,7 @@ from helpers import BACKEND, run_in_fresh_process
 
 # Shared by both engines: a student distilled from a teacher's soft labels, with a
 # sparsity penalty on its hidden layer. `train(initial_weights)` returns per-epoch
-# losses and final weights; `penalty_gap` measures what a per-replica mean would cost.
+# losses and final weights; `gap` measures what a per-replica mean would cost.
 COMMON = """
 import json
 import numpy as np
@@ -59,7 +59,7 @@ def train(model, initial_weights):
     return history.history, [np.asarray(w).tolist() for w in model.get_weights()]
 
 
-def penalty_gap(model):
+def gap(model):
     # Loss on one global batch of 32 with the global mean, against the mean of the
     # losses of its two halves of 16, each with its own per-replica mean.
     encoder = keras.Model(model.inputs, model.get_layer("hidden").output)
@@ -80,16 +80,16 @@ tf.config.set_logical_device_configuration(
 {common}
 one_device = build()
 initial = one_device.get_weights()
-losses_one, weights_one = train(one_device, initial)
+one = train(one_device, initial)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     mirrored = build()
-losses_two, weights_two = train(mirrored, initial)
+two = train(mirrored, initial)
 print(json.dumps({{
     "replicas": strategy.num_replicas_in_sync,
-    "one": [losses_one, weights_one],
-    "two": [losses_two, weights_two],
-    "gap": penalty_gap(one_device),
+    "one": one,
+    "two": two,
+    "gap": gap(one_device),
 }}))
 """
 
@@ -101,15 +101,15 @@ import jax
 {common}
 one_device = build()
 initial = one_device.get_weights()
-losses_one, weights_one = train(one_device, initial)
+one = train(one_device, initial)
 keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
 parallel = build()
-losses_two, weights_two = train(parallel, initial)
+two = train(parallel, initial)
 print(json.dumps({{
     "replicas": len(jax.devices()),
-    "one": [losses_one, weights_one],
-    "two": [losses_two, weights_two],
-    "gap": penalty_gap(one_device),
+    "one": one,
+    "two": two,
+    "gap": gap(one_device),
 }}))
 """
 
@@ -146,3 +146,76 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
         json.loads(output.strip().splitlines()[-1]),
         histories=["loss", "kl", "kl_metric", "js_metric"],
     )
+
+
+# A VAE whose sampling layer anneals β with free bits: the KL's batch means (and their
+# free-bits floors) must be over the global batch. The decoder reads the mean, so the
+# noise, which each replica draws for its own slice, does not enter the weights; the
+# sample is a second output without a loss, which keeps the layer in the step.
+VAE = """
+import json
+import numpy as np
+import keras
+import kl_keras
+
+x = np.random.default_rng(0).uniform(size=(256, 12)).astype("float32")
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12,))
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    mean = keras.layers.Dense(4)(hidden)
+    log_var = keras.layers.Dense(4)(hidden)
+    z = kl_keras.VariationalSampling(
+        kl_keras.schedules.LinearWarmup(5), free_bits=0.05, name="z"
+    )([mean, log_var])
+    decoded = keras.layers.Dense(12, activation="sigmoid", name="decoded")(mean)
+    model = keras.Model(inputs, {"decoded": decoded, "z": z})
+    model.compile(keras.optimizers.SGD(0.5), loss={"decoded": "binary_crossentropy"})
+    return model
+
+
+def train(model, initial_weights):
+    model.set_weights(initial_weights)
+    model.fit(x, {"decoded": x}, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    layer = model.get_layer("z")
+    return {
+        "weights": [np.asarray(w).tolist() for w in model.get_weights()],
+        "step": int(keras.ops.convert_to_numpy(layer.step)),
+        "beta": float(keras.ops.convert_to_numpy(layer.current_beta)),
+    }
+
+
+def gap(model):
+    # How far per-replica floors (two halves of 16) are from the global one (32).
+    encoder = keras.Model(model.inputs, model.get_layer("z").input)
+    mean, log_var = (np.asarray(t, "float64") for t in encoder(x[:32]))
+    kl = 0.5 * (np.expm1(log_var) - log_var + mean**2)
+    def floored(rows):
+        return np.maximum(kl[rows].mean(0), 0.05).sum()
+    per_replica = (floored(slice(0, 16)) + floored(slice(16, 32))) / 2
+    return abs(per_replica - floored(slice(0, 32))) / floored(slice(0, 32))
+"""
+
+
+def assert_same_vae_run(report):
+    assert report["replicas"] == 2
+    one, two = report["one"], report["two"]
+    assert one["step"] == two["step"] == 8
+    assert one["beta"] == two["beta"] == 1.0  # LinearWarmup(5) at step 7
+    for a, b in zip(one["weights"], two["weights"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert report["gap"] > 1e-3, report["gap"]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on the TF backend")
+def test_vae_under_mirrored_strategy_matches_one_device(tmp_path):
+    output = run_in_fresh_process(MIRRORED.format(common=VAE), cwd=tmp_path)
+    assert_same_vae_run(json.loads(output.strip().splitlines()[-1]))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on the JAX backend")
+def test_vae_under_jax_data_parallel_matches_one_device(tmp_path):
+    output = run_in_fresh_process(DATA_PARALLEL.format(common=VAE), cwd=tmp_path)
+    assert_same_vae_run(json.loads(output.strip().splitlines()[-1]))

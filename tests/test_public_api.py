@@ -30,15 +30,19 @@ def test_all_is_exactly_the_public_surface():
         *FUNCTIONS,
         "KLActivityRegularizer",
         "LogitsDistillation",
+        "VariationalSampling",
         "__version__",
+        "gaussian_kl_divergence",
         "kld",
         "metrics",
+        "schedules",
     }
     public = {name for name in vars(kl_keras) if not name.startswith("_")}
     # Submodules are importable but not part of __all__ (metrics is: it holds the twins).
     assert public - set(kl_keras.__all__) == {
         "distillation",
         "divergence",
+        "layers",
         "losses",
         "regularizers",
     }
@@ -53,6 +57,9 @@ def test_registered_names_are_a_promise():
         **{f"kl_keras.metrics>{name}": getattr(kl_keras.metrics, name) for name in LOSSES},
         "kl_keras>KLActivityRegularizer": kl_keras.KLActivityRegularizer,
         "kl_keras>LogitsDistillation": kl_keras.LogitsDistillation,
+        "kl_keras>VariationalSampling": kl_keras.VariationalSampling,
+        "kl_keras>LinearWarmup": kl_keras.schedules.LinearWarmup,
+        "kl_keras>CyclicalAnnealing": kl_keras.schedules.CyclicalAnnealing,
     }
     for name, obj in promised.items():
         assert keras.saving.get_registered_object(name) is obj, name
@@ -66,6 +73,9 @@ def test_public_objects_subclass_keras_bases():
     assert issubclass(kl_keras.KLActivityRegularizer, keras.regularizers.Regularizer)
     assert issubclass(kl_keras.LogitsDistillation, keras.losses.Loss)
     assert issubclass(kl_keras.LogitsDistillation, keras.distillation.DistillationLoss)
+    assert issubclass(kl_keras.VariationalSampling, keras.layers.Layer)
+    for schedule in (kl_keras.schedules.LinearWarmup, kl_keras.schedules.CyclicalAnnealing):
+        assert issubclass(schedule, keras.optimizers.schedules.LearningRateSchedule)
     assert kl_keras.kld is kl_keras.kl_divergence
 
 
