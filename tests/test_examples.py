@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -52,3 +54,20 @@ def test_distillation(tmp_path):
     assert all(0.0 <= float(value) <= 1.0 for value in rows.values())
     png = (tmp_path / "distillation_accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vae(tmp_path):
+    output = run_example("vae.py", "--epochs", "15", "--latent", "6", "--out", str(tmp_path))
+    rows = {
+        line[:26].strip(): line[26:].split()
+        for line in output.splitlines()
+        if line.startswith("  ") and "of 6" in line
+    }
+    assert set(rows) == {"constant beta=1", "cyclical beta 0->1", "beta=1, free bits 0.5"}
+    for recon, kl, active, _, latent in rows.values():
+        assert 0 < float(recon) < 64 * np.log(2) and float(kl) > 0
+        assert 0 <= int(active) <= int(latent) == 6
+    # Free bits of 0.5 nats keep every one of the 6 dimensions' KL at 0.5 or more.
+    assert float(rows["beta=1, free bits 0.5"][1]) >= 6 * 0.5 * 0.9
+    for name in ("vae_latent_space.png", "vae_samples.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
