@@ -1,9 +1,9 @@
 """kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
-from kl_keras import metrics, schedules
+from kl_keras import callbacks, metrics, schedules
 from kl_keras.distillation import LogitsDistillation
 from kl_keras.divergence import gaussian_kl_divergence
-from kl_keras.layers import VariationalSampling
+from kl_keras.layers import KLActivityRegularization, VariationalSampling
 from kl_keras.losses import (
     BinaryKLDivergence,
     JeffreysDivergence,
@@ -25,6 +25,7 @@ __all__ = [
     "BinaryKLDivergence",
     "JeffreysDivergence",
     "JensenShannonDivergence",
+    "KLActivityRegularization",
     "KLActivityRegularizer",
     "KLDivergence",
     "LogitsDistillation",
@@ -32,6 +33,7 @@ __all__ = [
     "VariationalSampling",
     "__version__",
     "binary_kl_divergence",
+    "callbacks",
     "gaussian_kl_divergence",
     "jeffreys_divergence",
     "jensen_shannon_divergence",

@@ -56,6 +56,16 @@ def check_positive_int(name, value):
     return int(value)
 
 
+def check_rho(value):
+    """The target mean activation of a sparsity penalty: a float strictly inside (0, 1)."""
+    return check_real("rho", value, "a float strictly between 0 and 1", lambda v: 0.0 < v < 1.0)
+
+
+def check_weight(name, value):
+    """The weight of a penalty: a finite float >= 0."""
+    return check_real(name, value, "a finite float >= 0", lambda v: 0.0 <= v < float("inf"))
+
+
 def check_beta(value):
     """The mixture weight of the Jensen-Shannon divergence: a float in [0, 1]."""
     return check_real("beta", value, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)

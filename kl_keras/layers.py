@@ -13,14 +13,15 @@ from keras import ops
 from kl_keras import _checks
 from kl_keras._distribute import global_sum_and_count
 from kl_keras.divergence import computation_dtype, gaussian_kl
+from kl_keras.regularizers import sparsity_terms
 
 
-def _check_weight(value):
+def _check_beta_or_schedule(value):
     """`beta` of a layer: a float >= 0, or any Keras `LearningRateSchedule`."""
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return value
     if isinstance(value, dict):  # a serialized schedule, from `get_config`
-        return _check_weight(keras.saving.deserialize_keras_object(value))
+        return _check_beta_or_schedule(keras.saving.deserialize_keras_object(value))
     return _checks.check_real(
         "beta",
         value,
@@ -29,18 +30,26 @@ def _check_weight(value):
     )
 
 
-class _ScheduledWeight(keras.layers.Layer):
-    """A layer whose `beta` may follow a schedule of its own training steps.
+class _StatefulKLLayer(keras.layers.Layer):
+    """A layer that adds a weighted KL term and keeps the state around it.
 
-    It owns two non-trainable variables: `step`, the number of training calls
-    so far, and `beta`, the β of the latest training call (the initial β
-    before the first). A training call uses `schedule(step)` and then advances
-    `step`; other calls use the stored β and change nothing.
+    Its `beta` may follow a schedule of its own training steps: it owns two
+    non-trainable variables, `step`, the number of training calls so far, and
+    `current_beta`, the β of the latest training call (the initial β before
+    the first). A training call uses `schedule(step)` and then advances `step`;
+    other calls use the stored β. Both are saved with the model.
+
+    It also accumulates statistics for `kl_keras.callbacks.KLMonitor` in
+    float32 non-trainable variables (`statistics()` names them), updated by the
+    calls that `fit`, `evaluate` and `predict` make (an explicit `training`
+    argument), so they advance inside the compiled step on every backend. The
+    monitor resets and reads them between steps; they are not saved.
     """
 
     def __init__(self, beta, **kwargs):
         super().__init__(**kwargs)
-        self.beta = _check_weight(beta)
+        self.beta = _check_beta_or_schedule(beta)
+        self._statistic_names = []
 
     def _build_schedule_state(self):
         scheduled = isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule)
@@ -64,6 +73,27 @@ class _ScheduledWeight(keras.layers.Layer):
             name="beta",
         )
 
+    def _add_statistic(self, name, shape=()):
+        # Updated from globally reduced values, identical on every replica.
+        variable = self.add_weight(
+            shape=shape,
+            dtype="float32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name=name,
+        )
+        self._statistic_names.append(name)
+        return variable
+
+    def statistics(self):
+        """The monitoring variables, by name."""
+        return {name: getattr(self, name) for name in self._statistic_names}
+
+    def reset_statistics(self):
+        for variable in self.statistics().values():
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+
     def _weight(self, training):
         """β for this call, advancing the schedule in training calls."""
         if not isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule):
@@ -75,6 +105,20 @@ class _ScheduledWeight(keras.layers.Layer):
         self.step.assign_add(ops.ones((), self.step.dtype))
         return beta
 
+    def save_own_variables(self, store):
+        # The step and β only: the statistics are per epoch, reset by KLMonitor.
+        store["0"] = self.step
+        store["1"] = self.current_beta
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != 2:
+            raise ValueError(
+                f"Layer '{self.name}' expected 2 saved variables (step, beta), "
+                f"received {len(store.keys())}."
+            )
+        self.step.assign(store["0"])
+        self.current_beta.assign(store["1"])
+
     def get_config(self):
         config = super().get_config()
         beta = self.beta
@@ -85,7 +129,7 @@ class _ScheduledWeight(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kl_keras")
-class VariationalSampling(_ScheduledWeight):
+class VariationalSampling(_StatefulKLLayer):
     """Samples a VAE's latent code and adds β·KL(q ‖ p) to the model's losses.
 
     Called on `[mean, log_var]` (a standard-normal prior) or on `[mean,
@@ -148,9 +192,7 @@ class VariationalSampling(_ScheduledWeight):
 
     def __init__(self, beta=1.0, free_bits=0.0, seed=None, name=None, **kwargs):
         super().__init__(beta=beta, name=name, **kwargs)
-        self.free_bits = _checks.check_real(
-            "free_bits", free_bits, "a finite float >= 0", lambda v: 0.0 <= v < float("inf")
-        )
+        self.free_bits = _checks.check_weight("free_bits", free_bits)
         self.seed = seed  # checked by SeedGenerator: an int or None
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -167,6 +209,38 @@ class VariationalSampling(_ScheduledWeight):
                 f"mean.shape={tuple(shapes[0])}, log_var.shape={tuple(shapes[1])}"
             )
         self._build_schedule_state()
+        latent_shape = tuple(shapes[0][1:])
+        if None in latent_shape:
+            raise ValueError(
+                "VariationalSampling needs the latent shape (every axis but the batch) "
+                f"when built. Received: mean.shape={tuple(shapes[0])}"
+            )
+        # Per epoch, for KLMonitor: the KL per dimension summed over the samples, and
+        # the count, mean and sum of squared deviations of the posterior means.
+        self.kl_sum = self._add_statistic("kl_sum", latent_shape)
+        self.sample_count = self._add_statistic("sample_count")
+        self.mean_mean = self._add_statistic("mean_mean", latent_shape)
+        self.mean_m2 = self._add_statistic("mean_m2", latent_shape)
+
+    def _accumulate(self, kl_total, count, mean):
+        """Adds one (global) batch to the epoch's statistics.
+
+        The posterior means enter Chan et al.'s pairwise update around the running
+        mean, so a variance that is small next to the mean keeps its digits.
+        """
+        kl_total, count, mean = (ops.cast(x, "float32") for x in (kl_total, count, mean))
+        deviation = mean - self.mean_mean
+        batch_sum, _ = global_sum_and_count(deviation, axis=(0,))
+        batch_squares, _ = global_sum_and_count(deviation * deviation, axis=(0,))
+        previous = self.sample_count
+        combined = previous + count
+        delta = batch_sum / ops.maximum(count, 1.0)
+        share = count / ops.maximum(combined, 1.0)
+        batch_m2 = batch_squares - count * delta * delta
+        self.mean_m2.assign(self.mean_m2 + batch_m2 + delta * delta * previous * share)
+        self.mean_mean.assign(self.mean_mean + delta * share)
+        self.sample_count.assign(combined)
+        self.kl_sum.assign_add(kl_total)
 
     def call(self, inputs, training=None):
         mean, log_var, *prior = inputs
@@ -181,6 +255,8 @@ class VariationalSampling(_ScheduledWeight):
             floored = kl_per_dimension < self.free_bits
             kl_per_dimension = ops.where(floored, self.free_bits, kl_per_dimension)
         self.add_loss(self._weight(training) * ops.sum(kl_per_dimension))
+        if training is not None:
+            self._accumulate(total, count, mean)
         if not training:
             return ops.cast(mean, self.compute_dtype)
         noise = keras.random.normal(ops.shape(mean), dtype=dtype, seed=self.seed_generator)
@@ -192,4 +268,93 @@ class VariationalSampling(_ScheduledWeight):
     def get_config(self):
         config = super().get_config()
         config.update({"free_bits": self.free_bits, "seed": self.seed})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kl_keras")
+class KLActivityRegularization(_StatefulKLLayer):
+    """An identity layer that adds the sparsity penalty β·Σ_j KL(ρ ‖ ρ̂_j) of its input.
+
+    The KL counterpart of `keras.layers.ActivityRegularization`: place it after
+    an activation, and it adds the penalty of `KLActivityRegularizer` (the same
+    math and conventions: both Bernoulli terms, ρ̂_j the mean over every axis
+    but the last, over the global batch under `tf.distribute`, ρ̂ clipped to
+    [ε, 1 - ε] with the gradient kept, half precision computed in float32) to
+    the model's losses with `add_loss`:
+
+    ```python
+    rho_hat = mean(inputs, axis=every axis but the last)
+    loss = beta * sum(rho * log(rho / rho_hat) + (1 - rho) * log((1 - rho) / (1 - rho_hat)))
+    ```
+
+    Unlike an `activity_regularizer`, nothing is divided by the batch size on
+    any Keras version, so no compensation is involved, and a custom layer can
+    call it directly. `beta` is a float or a schedule of the training step,
+    exactly as in `VariationalSampling`: any
+    `keras.optimizers.schedules.LearningRateSchedule` (for example
+    `kl_keras.schedules.LinearWarmup` to anneal the penalty in), evaluated
+    from the layer's own `step` variable inside the compiled training step, on
+    JAX as on TensorFlow and PyTorch; the β in use is `current_beta`. The
+    penalty is added in every call, also when not training.
+
+    Args:
+        rho: the target mean activation ρ, a float strictly between 0 and 1.
+        beta: the weight of the penalty: a float >= 0, or a
+            `LearningRateSchedule`.
+        name: the layer's name.
+        **kwargs: other `keras.layers.Layer` arguments (`dtype`, ...).
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = KLActivityRegularization(rho=0.05, beta=0.01)
+    >>> activations = np.full((8, 4), 0.5, dtype="float32")  # 4 units, mean 0.5
+    >>> outputs = layer(activations)
+    >>> round(float(layer.losses[0]), 4)  # 0.01 * 4 * KL(0.05 ‖ 0.5)
+    0.0198
+    """
+
+    def __init__(self, rho=0.05, beta=0.01, name=None, **kwargs):
+        super().__init__(beta=beta, name=name, **kwargs)
+        self.rho = _checks.check_rho(rho)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self._build_schedule_state()
+        units = input_shape[-1] if len(input_shape) > 1 else None
+        if len(input_shape) > 1 and units is None:
+            raise ValueError(
+                "KLActivityRegularization needs the number of units (the last axis) "
+                f"when built. Received: input_shape={tuple(input_shape)}"
+            )
+        # Per epoch, for KLMonitor: the activations summed per unit, the number of
+        # entries in each sum, and the penalties that reached the loss.
+        self.activation_sum = self._add_statistic(
+            "activation_sum", () if units is None else (units,)
+        )
+        self.activation_count = self._add_statistic("activation_count")
+        self.penalty_sum = self._add_statistic("penalty_sum")
+        self.batch_count = self._add_statistic("batch_count")
+
+    def _accumulate(self, total, count, penalty):
+        total, count, penalty = (ops.cast(x, "float32") for x in (total, count, penalty))
+        self.activation_sum.assign_add(total)
+        self.activation_count.assign_add(count)
+        self.penalty_sum.assign_add(penalty)
+        self.batch_count.assign_add(ops.ones((), "float32"))
+
+    def call(self, inputs, training=None):
+        penalty, total, count = sparsity_terms(inputs, self.rho)
+        weighted = self._weight(training) * penalty
+        self.add_loss(weighted)
+        if training is not None:
+            self._accumulate(total, count, weighted)
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"rho": self.rho})
         return config

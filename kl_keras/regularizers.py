@@ -22,6 +22,29 @@ def _keras_divides_activity_penalty_by_batch_size():
 KERAS_DIVIDES_BY_BATCH_SIZE = _keras_divides_activity_penalty_by_batch_size()
 
 
+def sparsity_terms(x, rho):
+    """Σ_j KL(ρ ‖ ρ̂_j) for activations `x` of shape `(batch, ..., units)`, unweighted.
+
+    ρ̂_j is the mean over every axis but the last, over the global batch under
+    `tf.distribute`. Returns the penalty (a scalar, float32 for float16/bfloat16
+    activations; 0, with a zero gradient, for an empty batch), and the sums of
+    the activations per unit and the number of entries in each sum.
+    """
+    x = ops.convert_to_tensor(x)
+    if len(x.shape) == 0:
+        raise ValueError(
+            "KLActivityRegularizer expects activations of rank >= 1, "
+            f"(batch, ..., units). Received: x.shape={tuple(x.shape)}"
+        )
+    x = ops.cast(x, computation_dtype(x.dtype))
+    mean_axes = tuple(range(max(len(x.shape) - 1, 1)))
+    total, count = global_sum_and_count(x, axis=mean_axes)
+    # An empty batch has no mean activation and adds nothing: 0, with a zero gradient.
+    rho_hat = total / ops.where(count > 0, count, 1.0)
+    penalty = ops.where(count > 0, ops.sum(bernoulli_kl(rho, rho_hat)), 0.0)
+    return penalty, total, count
+
+
 @keras.saving.register_keras_serializable(package="kl_keras")
 class KLActivityRegularizer(keras.regularizers.Regularizer):
     """Sparsity penalty of sparse autoencoders: β·Σ_j KL(ρ ‖ ρ̂_j).
@@ -71,12 +94,8 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
     """
 
     def __init__(self, rho=0.05, beta=0.01):
-        self.rho = _checks.check_real(
-            "rho", rho, "a float strictly between 0 and 1", lambda v: 0.0 < v < 1.0
-        )
-        self.beta = _checks.check_real(
-            "beta", beta, "a finite float >= 0", lambda v: 0.0 <= v < float("inf")
-        )
+        self.rho = _checks.check_rho(rho)
+        self.beta = _checks.check_weight("beta", beta)
 
     def penalty(self, x):
         """β·Σ_j KL(ρ ‖ ρ̂_j) for activations `x` of shape `(batch, ..., units)`.
@@ -84,19 +103,7 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
         Returns a scalar tensor, float32 for float16/bfloat16 activations; 0 for
         an empty batch.
         """
-        x = ops.convert_to_tensor(x)
-        if len(x.shape) == 0:
-            raise ValueError(
-                "KLActivityRegularizer expects activations of rank >= 1, "
-                f"(batch, ..., units). Received: x.shape={tuple(x.shape)}"
-            )
-        x = ops.cast(x, computation_dtype(x.dtype))
-        mean_axes = tuple(range(max(len(x.shape) - 1, 1)))
-        total, count = global_sum_and_count(x, axis=mean_axes)
-        # An empty batch has no mean activation and adds nothing: 0, with a zero gradient.
-        rho_hat = total / ops.where(count > 0, count, 1.0)
-        penalty = self.beta * ops.sum(bernoulli_kl(self.rho, rho_hat))
-        return ops.where(count > 0, penalty, 0.0)
+        return self.beta * sparsity_terms(x, self.rho)[0]
 
     def __call__(self, x):
         """The value Keras expects from an activity regularizer; see the class doc."""

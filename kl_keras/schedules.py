@@ -16,10 +16,6 @@ from kl_keras import _checks
 _REGISTER = keras.saving.register_keras_serializable(package="kl_keras")
 
 
-def _check_weight(name, value):
-    return _checks.check_real(name, value, "a finite float >= 0", lambda v: 0.0 <= v < float("inf"))
-
-
 @_REGISTER
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """β rising linearly from `start` to `stop` over `warmup_steps`, then constant.
@@ -48,8 +44,8 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, warmup_steps, start=0.0, stop=1.0):
         self.warmup_steps = _checks.check_positive_int("warmup_steps", warmup_steps)
-        self.start = _check_weight("start", start)
-        self.stop = _check_weight("stop", stop)
+        self.start = _checks.check_weight("start", start)
+        self.stop = _checks.check_weight("stop", stop)
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
@@ -100,8 +96,8 @@ class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
         self.ratio = _checks.check_real(
             "ratio", ratio, "a float in (0, 1]", lambda v: 0.0 < v <= 1.0
         )
-        self.start = _check_weight("start", start)
-        self.stop = _check_weight("stop", stop)
+        self.start = _checks.check_weight("start", start)
+        self.stop = _checks.check_weight("stop", stop)
 
     def __call__(self, step):
         # The remainder is taken before the cast, so integer steps stay exact.

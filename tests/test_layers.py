@@ -10,7 +10,7 @@ from test_gaussian_kl import reference
 
 import kl_keras
 from kl_keras import schedules
-from kl_keras.regularizers import KERAS_DIVIDES_BY_BATCH_SIZE
+from kl_keras.regularizers import KERAS_DIVIDES_BY_BATCH_SIZE, sparsity_terms
 
 RNG = np.random.default_rng(0)
 
@@ -206,6 +206,9 @@ def beta_reaching_each_step(schedule, jit_compile, owner="layer", epochs=3, step
         mean = keras.layers.Dense(3)(inputs)
         log_var = keras.layers.Dense(3)(inputs)
         outputs = kl_keras.VariationalSampling(beta=schedule, name="z")([mean, log_var])
+    elif owner == "sparsity":
+        hidden = keras.layers.Dense(5, activation="sigmoid")(inputs)
+        outputs = kl_keras.KLActivityRegularization(0.1, schedule, name="sparsity")(hidden)
     else:
         regularizer = OwnedBeta()
         outputs = keras.layers.Dense(3, activity_regularizer=regularizer)(inputs)
@@ -216,6 +219,9 @@ def beta_reaching_each_step(schedule, jit_compile, owner="layer", epochs=3, step
         encoder = keras.Model(inputs, model.get_layer("z").input)
         mean, log_var = (to_numpy(t) for t in encoder(x[:8]))
         constant = np.mean(reference(mean, log_var))
+    elif owner == "sparsity":
+        encoder = keras.Model(inputs, model.get_layer("sparsity").input)
+        constant = float(to_numpy(sparsity_terms(encoder(x[:8]), 0.1)[0]))
     else:
         constant = 1.0
     model.fit(x, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
@@ -237,10 +243,12 @@ SCHEDULES = {
 
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES.get(BACKEND, [False]))
+@pytest.mark.parametrize("owner", ["layer", "sparsity"])
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_schedule_reaches_every_training_step(name, jit_compile):
+def test_schedule_reaches_every_training_step(name, owner, jit_compile):
     # 3 epochs of 4 steps: the sequence crosses epoch boundaries and cycle ends.
-    betas = beta_reaching_each_step(SCHEDULES[name](), jit_compile)
+    # "layer": VariationalSampling; "sparsity": KLActivityRegularization.
+    betas = beta_reaching_each_step(SCHEDULES[name](), jit_compile, owner)
     np.testing.assert_allclose(betas, expected_betas(SCHEDULES[name](), 12), rtol=1e-4, atol=1e-6)
 
 
@@ -268,7 +276,8 @@ def test_step_and_beta_state():
         layer([mean, log_var], training=True)
         assert int(to_numpy(layer.step)) == step + 1
         np.testing.assert_allclose(to_numpy(layer.current_beta), min(step / 4, 1.0), rtol=1e-6)
-    assert layer.non_trainable_weights == [layer.step, layer.current_beta]
+    statistics = list(layer.statistics().values())
+    assert layer.non_trainable_weights == [layer.step, layer.current_beta, *statistics]
     assert layer.trainable_weights == []
     # A constant β keeps its value and the step still counts nothing it needs.
     constant = kl_keras.VariationalSampling(beta=0.25)
@@ -332,10 +341,12 @@ def test_invalid_inputs_are_refused(shapes, match):
 
 
 def vae(beta, free_bits=0.0):
-    """A small VAE on 8-pixel inputs: its only extra loss is the sampling layer's KL."""
+    """A small VAE on 8-pixel inputs, with a sparsity penalty on its encoder's hidden layer."""
     keras.utils.set_random_seed(2)
     inputs = keras.Input((8,))
-    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    hidden = keras.layers.Dense(16, activation="sigmoid")(inputs)
+    warmup = schedules.LinearWarmup(10, stop=0.1)
+    hidden = kl_keras.KLActivityRegularization(0.2, warmup, name="sparsity")(hidden)
     mean = keras.layers.Dense(2, name="mean")(hidden)
     log_var = keras.layers.Dense(2, name="log_var")(hidden)
     z = kl_keras.VariationalSampling(beta, free_bits, seed=4, name="z")([mean, log_var])
@@ -356,6 +367,7 @@ LOAD_AND_RESUME = """
     layer = model.get_layer("z")
     report = {
         "config": layer.get_config(),
+        "sparsity_config": model.get_layer("sparsity").get_config(),
         "step": int(keras.ops.convert_to_numpy(layer.step)),
         "predict": model.predict(x, verbose=0).tolist(),
         "evaluate": model.evaluate(x, x, verbose=0),
@@ -368,6 +380,11 @@ LOAD_AND_RESUME = """
     model.fit(x, x, batch_size=8, epochs=1, verbose=0)  # 4 more steps
     report["step_after"] = int(keras.ops.convert_to_numpy(layer.step))
     report["beta_after"] = float(keras.ops.convert_to_numpy(layer.current_beta))
+    sparsity = model.get_layer("sparsity")
+    report["sparsity_after"] = [
+        int(keras.ops.convert_to_numpy(sparsity.step)),
+        float(keras.ops.convert_to_numpy(sparsity.current_beta)),
+    ]
     print(json.dumps(report))
 """
 
@@ -403,6 +420,7 @@ def test_saved_vae_resumes_its_schedule_in_a_fresh_process_across_backends(tmp_p
         output = run_in_fresh_process(code, cwd=tmp_path, backend=backend)
         report = json.loads(output.strip().splitlines()[-1])
         assert report["config"] == layer.get_config(), backend
+        assert report["sparsity_config"] == model.get_layer("sparsity").get_config()
         assert report["step"] == 8, backend
         # Not training, the layer returns the mean: predictions and the loss are exact.
         np.testing.assert_allclose(
@@ -412,3 +430,70 @@ def test_saved_vae_resumes_its_schedule_in_a_fresh_process_across_backends(tmp_p
         # Training goes on from step 8: the steps 8..11 used β(8)..β(11).
         assert report["step_after"] == 12, backend
         np.testing.assert_allclose(report["beta_after"], to_numpy(schedule(11)), rtol=1e-6)
+        assert report["sparsity_after"][0] == 12
+        np.testing.assert_allclose(report["sparsity_after"][1], 0.1, rtol=1e-6)  # warmed up
+
+
+# ---------------------------------------------------------------- KLActivityRegularization
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_sparsity_layer_adds_what_the_regularizer_adds(batch):
+    # The same activations through a regularized Dense and through a Dense followed by
+    # the layer: the terms in model.losses agree on every Keras version (3.12 and
+    # 3.14+ differ in how they scale an activity regularizer's value).
+    x = RNG.normal(size=(batch, 6)).astype("float32")
+    dense = keras.layers.Dense(5, activation="sigmoid")
+    regularized = keras.layers.Dense(
+        5, activation="sigmoid", activity_regularizer=kl_keras.KLActivityRegularizer(0.1, 0.3)
+    )
+    dense.build((None, 6))
+    regularized.build((None, 6))
+    regularized.set_weights(dense.get_weights())
+    layer = kl_keras.KLActivityRegularization(rho=0.1, beta=0.3)
+    outputs = layer(dense(x))
+    regularized(x)
+    (expected,) = regularized.losses
+    (value,) = layer.losses
+    np.testing.assert_allclose(to_numpy(value), to_numpy(expected), rtol=1e-6)
+    np.testing.assert_array_equal(to_numpy(outputs), to_numpy(dense(x)))
+
+
+def test_sparsity_layer_keeps_masks_and_shapes():
+    inputs = keras.Input((4, 3))
+    masked = keras.layers.Masking(0.0)(inputs)
+    outputs = kl_keras.KLActivityRegularization()(masked)
+    assert tuple(outputs.shape) == (None, 4, 3)
+    x = np.ones((2, 4, 3), "float32")
+    x[:, 2:] = 0.0
+    model = keras.Model(inputs, outputs)
+    mask = model.layers[-1].compute_mask(x, keras.ops.any(x != 0, axis=-1))
+    np.testing.assert_array_equal(to_numpy(mask), [[True, True, False, False]] * 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rho": 0.0}, ValueError, "rho=0.0"),
+        ({"rho": 1.0}, ValueError, "rho=1.0"),
+        ({"rho": float("nan")}, ValueError, "rho=nan"),
+        ({"beta": -1.0}, ValueError, "beta=-1.0"),
+        ({"beta": "0.1"}, TypeError, "beta='0.1'"),
+    ],
+)
+def test_sparsity_layer_refuses_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kl_keras.KLActivityRegularization(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "beta", [0.5, schedules.LinearWarmup(10, stop=0.2)], ids=["float", "schedule"]
+)
+def test_sparsity_layer_config_round_trips(beta):
+    layer = kl_keras.KLActivityRegularization(rho=0.2, beta=beta, name="sparsity")
+    config = layer.get_config()
+    arguments = set(inspect.signature(kl_keras.KLActivityRegularization.__init__).parameters)
+    assert arguments - {"self", "kwargs"} <= set(config)
+    assert kl_keras.KLActivityRegularization.from_config(config).get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == "kl_keras>KLActivityRegularization"

@@ -28,10 +28,12 @@ def test_all_is_exactly_the_public_surface():
     assert set(kl_keras.__all__) == {
         *LOSSES,
         *FUNCTIONS,
+        "KLActivityRegularization",
         "KLActivityRegularizer",
         "LogitsDistillation",
         "VariationalSampling",
         "__version__",
+        "callbacks",
         "gaussian_kl_divergence",
         "kld",
         "metrics",
@@ -58,6 +60,7 @@ def test_registered_names_are_a_promise():
         "kl_keras>KLActivityRegularizer": kl_keras.KLActivityRegularizer,
         "kl_keras>LogitsDistillation": kl_keras.LogitsDistillation,
         "kl_keras>VariationalSampling": kl_keras.VariationalSampling,
+        "kl_keras>KLActivityRegularization": kl_keras.KLActivityRegularization,
         "kl_keras>LinearWarmup": kl_keras.schedules.LinearWarmup,
         "kl_keras>CyclicalAnnealing": kl_keras.schedules.CyclicalAnnealing,
     }
@@ -74,6 +77,8 @@ def test_public_objects_subclass_keras_bases():
     assert issubclass(kl_keras.LogitsDistillation, keras.losses.Loss)
     assert issubclass(kl_keras.LogitsDistillation, keras.distillation.DistillationLoss)
     assert issubclass(kl_keras.VariationalSampling, keras.layers.Layer)
+    assert issubclass(kl_keras.KLActivityRegularization, keras.layers.Layer)
+    assert issubclass(kl_keras.callbacks.KLMonitor, keras.callbacks.Callback)
     for schedule in (kl_keras.schedules.LinearWarmup, kl_keras.schedules.CyclicalAnnealing):
         assert issubclass(schedule, keras.optimizers.schedules.LearningRateSchedule)
     assert kl_keras.kld is kl_keras.kl_divergence

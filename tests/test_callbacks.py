@@ -1,0 +1,149 @@
+"""KLMonitor: the statistics it logs equal numpy over the same activations, on every backend."""
+
+import csv
+
+import keras
+import numpy as np
+import pytest
+from helpers import BACKEND, to_numpy
+from scipy.special import rel_entr
+from test_gaussian_kl import reference
+
+import kl_keras
+from kl_keras import schedules
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(50, 6)).astype("float32")  # batches of 16: 16, 16, 16, 2
+X_VAL = RNG.normal(size=(21, 6)).astype("float32")
+JIT_MODES = {"tensorflow": [False, True], "jax": [False, True], "torch": [False]}
+
+
+def frozen_model(jit_compile):
+    """Both kinds of KL layer, with a learning rate of 0: every epoch sees the same activations."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, activation="sigmoid", name="hidden")(inputs)
+    code = kl_keras.KLActivityRegularization(0.1, schedules.LinearWarmup(4), name="code")(hidden)
+    mean = keras.layers.Dense(4, name="mean")(code)
+    log_var = keras.layers.Dense(4, name="log_var")(code)
+    z = kl_keras.VariationalSampling(0.5, name="z")([mean, log_var])
+    model = keras.Model(inputs, keras.layers.Dense(6)(z))
+    model.compile(keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit_compile)
+    return model
+
+
+def expected_logs(model, x, batch_size, beta, active_threshold):
+    """The monitor's numbers, from numpy over the activations of `x`."""
+    hidden = to_numpy(keras.Model(model.input, model.get_layer("hidden").output)(x))
+    rho_hat = hidden.mean(0)
+    batches = [hidden[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    penalties = [
+        beta_k * np.sum(rel_entr(0.1, h.mean(0)) + rel_entr(0.9, 1 - h.mean(0)))
+        for beta_k, h in zip(beta, batches, strict=True)
+    ]
+    encoder = keras.Model(model.input, model.get_layer("z").input)
+    mean, log_var = (np.float64(to_numpy(t)) for t in encoder(x))
+    kl = np.mean(reference(mean[..., None], log_var[..., None]), axis=0)
+    return {
+        "code_rho_hat": rho_hat.mean(),
+        "code_rho_hat_min": rho_hat.min(),
+        "code_rho_hat_max": rho_hat.max(),
+        "code_dead_units": np.mean(rho_hat < 0.3),
+        "code_penalty": np.mean(penalties),
+        "z_kl": kl.sum(),
+        "z_kl_min": kl.min(),
+        "z_kl_max": kl.max(),
+        "z_active_units": np.sum(mean.var(0) > active_threshold),
+    }
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES.get(BACKEND, [False]))
+def test_logged_statistics_equal_numpy(jit_compile, tmp_path):
+    model = frozen_model(jit_compile)
+    encoder = keras.Model(model.input, model.get_layer("z").input)
+    variances = np.sort(np.var(to_numpy(encoder(X)[0]), axis=0))
+    threshold = float(variances[1:3].mean())  # two of the four dimensions are active
+    monitor = kl_keras.callbacks.KLMonitor(dead_threshold=0.3, active_threshold=threshold)
+    csv_path = tmp_path / "log.csv"
+    history = model.fit(
+        X,
+        X,
+        batch_size=16,
+        epochs=2,
+        validation_data=(X_VAL, X_VAL),
+        validation_batch_size=8,
+        shuffle=False,  # the per-batch penalties depend on which rows share a batch
+        callbacks=[monitor, keras.callbacks.CSVLogger(str(csv_path))],
+        verbose=0,
+    ).history
+    # LinearWarmup(4): epoch 0 uses β(0..3), epoch 1 β(4..7); validation the latest.
+    for epoch, betas in enumerate([[0.0, 0.25, 0.5, 0.75], [1.0] * 4]):
+        expected = expected_logs(model, X, 16, betas, threshold)
+        expected["code_beta"] = betas[-1]
+        expected["z_beta"] = 0.5
+        for key, value in expected.items():
+            np.testing.assert_allclose(
+                history[key][epoch], value, rtol=2e-5, atol=1e-7, err_msg=key
+            )
+        val_betas = [betas[-1]] * 3
+        for key, value in expected_logs(model, X_VAL, 8, val_betas, threshold).items():
+            np.testing.assert_allclose(
+                history[f"val_{key}"][epoch], value, rtol=2e-5, atol=1e-7, err_msg=key
+            )
+    assert history["z_active_units"] == [2, 2]
+    # The same numbers reach CSVLogger.
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    np.testing.assert_allclose(
+        float(rows[1]["code_rho_hat"]), history["code_rho_hat"][1], rtol=1e-6
+    )
+    np.testing.assert_allclose(float(rows[1]["val_z_kl"]), history["val_z_kl"][1], rtol=1e-6)
+
+
+def test_statistics_follow_training():
+    # With a learning rate, the epoch's numbers move: a strong sparsity penalty drives
+    # rho_hat toward rho from one epoch to the next.
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(16, activation="sigmoid", name="hidden")(inputs)
+    outputs = keras.layers.Dense(6)(
+        kl_keras.KLActivityRegularization(0.05, 2.0, name="code")(hidden)
+    )
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(0.05), loss="mse")
+    x = RNG.normal(size=(256, 6)).astype("float32")
+    history = model.fit(x, x, epochs=6, callbacks=[kl_keras.callbacks.KLMonitor()], verbose=0)
+    rho_hat = history.history["code_rho_hat"]
+    assert abs(rho_hat[-1] - 0.05) < abs(rho_hat[0] - 0.05) / 2
+    assert history.history["code_beta"] == [2.0] * 6
+
+
+def test_a_regularizer_reports_its_beta_and_warns():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(
+        4,
+        activation="sigmoid",
+        activity_regularizer=kl_keras.KLActivityRegularizer(0.1, 0.7),
+        name="code",
+    )(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(6)(hidden))
+    model.compile("adam", "mse")
+    with pytest.warns(UserWarning, match=r"\['code'\] carry a KLActivityRegularizer"):
+        history = model.fit(X, X, epochs=1, callbacks=[kl_keras.callbacks.KLMonitor()], verbose=0)
+    assert history.history["code_beta"] == [0.7]
+    assert "code_rho_hat" not in history.history
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"dead_threshold": 1.0}, ValueError, "dead_threshold=1.0"),
+        ({"dead_threshold": -0.1}, ValueError, "dead_threshold=-0.1"),
+        ({"active_threshold": float("nan")}, ValueError, "active_threshold=nan"),
+        ({"active_threshold": "0.01"}, TypeError, "active_threshold='0.01'"),
+    ],
+)
+def test_invalid_arguments_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kl_keras.callbacks.KLMonitor(**kwargs)
