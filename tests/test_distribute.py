@@ -26,6 +26,7 @@ teacher_logits = x @ rng.normal(size=(20, 6))
 y = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
 y = (y / y.sum(-1, keepdims=True)).astype("float32")
 regularizer = kl_keras.KLActivityRegularizer(rho=0.1, beta=1.0)
+SPARSITY_LAYER = False
 
 
 def kl(y_true, y_pred):
@@ -37,9 +38,13 @@ def kl(y_true, y_pred):
 def build():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((20,))
-    hidden = keras.layers.Dense(
-        32, activation="sigmoid", activity_regularizer=regularizer, name="hidden"
-    )(inputs)
+    if SPARSITY_LAYER:  # the same penalty from a KLActivityRegularization layer
+        hidden = keras.layers.Dense(32, activation="sigmoid")(inputs)
+        hidden = kl_keras.KLActivityRegularization(0.1, 1.0, name="hidden")(hidden)
+    else:
+        hidden = keras.layers.Dense(
+            32, activation="sigmoid", activity_regularizer=regularizer, name="hidden"
+        )(inputs)
     model = keras.Model(inputs, keras.layers.Dense(6)(hidden))
     model.compile(
         keras.optimizers.SGD(0.5),
@@ -127,8 +132,10 @@ def assert_same_run(report, histories):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on the TF backend")
-def test_mirrored_strategy_matches_one_device(tmp_path):
-    output = run_in_fresh_process(MIRRORED.format(common=COMMON), cwd=tmp_path)
+@pytest.mark.parametrize("sparsity", ["regularizer", "layer"])
+def test_mirrored_strategy_matches_one_device(tmp_path, sparsity):
+    common = COMMON.replace("SPARSITY_LAYER = False", f"SPARSITY_LAYER = {sparsity == 'layer'}")
+    output = run_in_fresh_process(MIRRORED.format(common=common), cwd=tmp_path)
     # Not the displayed "loss": under tf.distribute Keras 3 keeps one list of layer
     # losses for all replica threads, and a layer that synchronises replicas (ours, or
     # Keras's BatchNormalization(synchronized=True) with any activity regularizer) lets
