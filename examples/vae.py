@@ -5,9 +5,11 @@ from the VariationalSampling layer, which adds beta * KL(q(z|x) ‖ N(0, I)) to 
 model's losses. The script trains the same VAE three ways, with a constant beta,
 with a cyclical beta schedule (Fu et al. 2019), and with a constant beta and free
 bits (Kingma et al. 2016), and prints for each the reconstruction term, the KL and
-the number of active latent units (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01). It
-writes two PNGs: the latent means of the test digits coloured by digit (the two most
-active dimensions), and a grid of digits decoded from samples of the prior.
+the number of active latent units (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01).
+KLMonitor logs the KL, the active units and beta every epoch. It writes three PNGs:
+the latent means of the test digits coloured by digit (the two most active
+dimensions), a grid of digits decoded from samples of the prior, and the active
+units and beta per epoch of each run.
 
     python examples/vae.py [--epochs 100] [--latent 16] [--out examples/output]
 
@@ -97,8 +99,15 @@ def main():
     for name, (beta, free_bits) in runs.items():
         keras.utils.set_random_seed(0)
         vae, encoder, decoder = build(args.latent, beta, free_bits)
-        vae.fit(x_train, x_train, batch_size=batch_size, epochs=args.epochs, verbose=0)
-        results[name] = (*evaluate(vae, encoder, x_test), decoder)
+        history = vae.fit(
+            x_train,
+            x_train,
+            batch_size=batch_size,
+            epochs=args.epochs,
+            callbacks=[kl_keras.callbacks.KLMonitor()],  # z_kl, z_active_units, z_beta
+            verbose=0,
+        ).history
+        results[name] = (*evaluate(vae, encoder, x_test), decoder, history)
 
     print(f"\nOn {len(x_test)} test digits (nats per image):")
     print(f"  {'':24s}{'reconstruction':>16s}{'KL':>8s}{'active units':>14s}")
@@ -107,7 +116,7 @@ def main():
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = "cyclical beta 0->1"
-    _, _, _, activity, z_mean, decoder = results[name]
+    _, _, _, activity, z_mean, decoder, _ = results[name]
     first, second = np.argsort(activity)[::-1][:2]
     fig, ax = plt.subplots(figsize=(6, 5))
     points = ax.scatter(z_mean[:, first], z_mean[:, second], c=labels_test, cmap="tab10", s=8)
@@ -129,7 +138,23 @@ def main():
     fig.tight_layout()
     fig.savefig(args.out / "vae_samples.png", dpi=100)
     plt.close(fig)
-    print(f"\nwrote {args.out / 'vae_latent_space.png'} and {args.out / 'vae_samples.png'}")
+
+    epochs = np.arange(1, args.epochs + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, result in results.items():
+        history = result[-1]
+        left.plot(epochs, history["z_active_units"], label=name)
+        right.plot(epochs, history["z_beta"], label=name)
+    left.set_xlabel("epoch")
+    left.set_ylabel(f"active units of {args.latent} (training)")
+    left.legend(fontsize=8)
+    right.set_xlabel("epoch")
+    right.set_ylabel("beta at the end of the epoch")
+    fig.tight_layout()
+    fig.savefig(args.out / "vae_active_units.png", dpi=100)
+    plt.close(fig)
+    written = ", ".join(str(args.out / f"vae_{n}.png") for n in ("latent_space", "samples"))
+    print(f"\nwrote {written} and {args.out / 'vae_active_units.png'}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,13 @@ def test_sparse_autoencoder(tmp_path):
     sparse = float(lines["mean hidden activation, with penalty"])
     free = float(lines["mean hidden activation, no penalty"])
     assert abs(sparse - target) < abs(free - target) / 5
-    for name in ("sparse_autoencoder_features.png", "sparse_autoencoder_activations.png"):
+    # KLMonitor's keys reach the progress bar.
+    assert "code_rho_hat:" in output and "val_code_dead_units:" in output
+    for name in (
+        "sparse_autoencoder_features.png",
+        "sparse_autoencoder_activations.png",
+        "sparse_autoencoder_monitor.png",
+    ):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -69,5 +75,5 @@ def test_vae(tmp_path):
         assert 0 <= int(active) <= int(latent) == 6
     # Free bits of 0.5 nats keep every one of the 6 dimensions' KL at 0.5 or more.
     assert float(rows["beta=1, free bits 0.5"][1]) >= 6 * 0.5 * 0.9
-    for name in ("vae_latent_space.png", "vae_samples.png"):
+    for name in ("vae_latent_space.png", "vae_samples.png", "vae_active_units.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
