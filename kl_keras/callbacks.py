@@ -23,7 +23,7 @@ def _numpy(variable):
 
 
 def _sparsity_logs(layer, dead_threshold):
-    state = {name: _numpy(v) for name, v in layer.statistics().items()}
+    state = layer.statistics()
     if state["activation_count"] == 0:
         return {}
     rho_hat = np.atleast_1d(state["activation_sum"] / state["activation_count"])
@@ -37,7 +37,7 @@ def _sparsity_logs(layer, dead_threshold):
 
 
 def _latent_logs(layer, active_threshold):
-    state = {name: _numpy(v) for name, v in layer.statistics().items()}
+    state = layer.statistics()
     count = state["sample_count"]
     if count == 0:
         return {}

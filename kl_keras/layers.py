@@ -7,7 +7,10 @@ step, so a step counter and a β schedule that live in the layer advance inside
 the compiled step, identically on TensorFlow, JAX and PyTorch.
 """
 
+import math
+
 import keras
+import numpy as np
 from keras import ops
 
 from kl_keras import _checks
@@ -39,8 +42,8 @@ class _StatefulKLLayer(keras.layers.Layer):
     the first). A training call uses `schedule(step)` and then advances `step`;
     other calls use the stored β. Both are saved with the model.
 
-    It also accumulates statistics for `kl_keras.callbacks.KLMonitor` in
-    float32 non-trainable variables (`statistics()` names them), updated by the
+    It also accumulates statistics for `kl_keras.callbacks.KLMonitor` in a
+    float32 non-trainable variable (`statistics()` reads it), updated by the
     calls that `fit`, `evaluate` and `predict` make (an explicit `training`
     argument), so they advance inside the compiled step on every backend. The
     monitor resets and reads them between steps; they are not saved.
@@ -49,7 +52,6 @@ class _StatefulKLLayer(keras.layers.Layer):
     def __init__(self, beta, **kwargs):
         super().__init__(**kwargs)
         self.beta = _check_beta_or_schedule(beta)
-        self._statistic_names = []
 
     def _build_schedule_state(self):
         scheduled = isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule)
@@ -62,6 +64,7 @@ class _StatefulKLLayer(keras.layers.Layer):
             initializer="zeros",
             trainable=False,
             aggregation="only_first_replica",
+            autocast=False,  # float32 also under mixed precision
             name="step",
         )
         self.current_beta = self.add_weight(
@@ -70,29 +73,55 @@ class _StatefulKLLayer(keras.layers.Layer):
             initializer=keras.initializers.Constant(initial),
             trainable=False,
             aggregation="only_first_replica",
+            autocast=False,  # float32 also under mixed precision
             name="beta",
         )
 
-    def _add_statistic(self, name, shape=()):
+    def _build_statistics(self, layout):
+        """One float32 variable for every statistic; `layout` is ((name, shape), ...).
+
+        One variable, not one per statistic: each variable is an input and an
+        output of JAX's compiled step, and one update costs less than several.
+        """
+        self._statistics_layout = tuple((name, tuple(shape)) for name, shape in layout)
+        size = sum(math.prod(shape) for _, shape in self._statistics_layout)
         # Updated from globally reduced values, identical on every replica.
-        variable = self.add_weight(
-            shape=shape,
+        self.statistics_state = self.add_weight(
+            shape=(size,),
             dtype="float32",
             initializer="zeros",
             trainable=False,
             aggregation="only_first_replica",
-            name=name,
+            autocast=False,  # float32 also under mixed precision
+            name="statistics",
         )
-        self._statistic_names.append(name)
-        return variable
+
+    def _unpack(self, flat, reshape):
+        parts, offset = {}, 0
+        for name, shape in self._statistics_layout:
+            size = math.prod(shape)
+            parts[name] = reshape(flat[offset : offset + size], shape)
+            offset += size
+        return parts
+
+    def _read_statistics(self):
+        """The statistics as tensors, inside a call."""
+        return self._unpack(ops.convert_to_tensor(self.statistics_state), ops.reshape)
+
+    def _write_statistics(self, parts):
+        flat = [
+            ops.reshape(ops.cast(parts[name], "float32"), (-1,))
+            for name, _ in self._statistics_layout
+        ]
+        self.statistics_state.assign(ops.concatenate(flat, axis=0))
 
     def statistics(self):
-        """The monitoring variables, by name."""
-        return {name: getattr(self, name) for name in self._statistic_names}
+        """The statistics accumulated since the last reset, as numpy arrays by name."""
+        flat = np.asarray(ops.convert_to_numpy(self.statistics_state), "float64")
+        return self._unpack(flat, np.reshape)
 
     def reset_statistics(self):
-        for variable in self.statistics().values():
-            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        self.statistics_state.assign(ops.zeros(self.statistics_state.shape, "float32"))
 
     def _weight(self, training):
         """β for this call, advancing the schedule in training calls."""
@@ -217,10 +246,14 @@ class VariationalSampling(_StatefulKLLayer):
             )
         # Per epoch, for KLMonitor: the KL per dimension summed over the samples, and
         # the count, mean and sum of squared deviations of the posterior means.
-        self.kl_sum = self._add_statistic("kl_sum", latent_shape)
-        self.sample_count = self._add_statistic("sample_count")
-        self.mean_mean = self._add_statistic("mean_mean", latent_shape)
-        self.mean_m2 = self._add_statistic("mean_m2", latent_shape)
+        self._build_statistics(
+            (
+                ("kl_sum", latent_shape),
+                ("sample_count", ()),
+                ("mean_mean", latent_shape),
+                ("mean_m2", latent_shape),
+            )
+        )
 
     def _accumulate(self, kl_total, count, mean):
         """Adds one (global) batch to the epoch's statistics.
@@ -228,19 +261,24 @@ class VariationalSampling(_StatefulKLLayer):
         The posterior means enter Chan et al.'s pairwise update around the running
         mean, so a variance that is small next to the mean keeps its digits.
         """
+        state = self._read_statistics()
         kl_total, count, mean = (ops.cast(x, "float32") for x in (kl_total, count, mean))
-        deviation = mean - self.mean_mean
+        deviation = mean - state["mean_mean"]
         batch_sum, _ = global_sum_and_count(deviation, axis=(0,))
         batch_squares, _ = global_sum_and_count(deviation * deviation, axis=(0,))
-        previous = self.sample_count
+        previous = state["sample_count"]
         combined = previous + count
         delta = batch_sum / ops.maximum(count, 1.0)
         share = count / ops.maximum(combined, 1.0)
         batch_m2 = batch_squares - count * delta * delta
-        self.mean_m2.assign(self.mean_m2 + batch_m2 + delta * delta * previous * share)
-        self.mean_mean.assign(self.mean_mean + delta * share)
-        self.sample_count.assign(combined)
-        self.kl_sum.assign_add(kl_total)
+        self._write_statistics(
+            {
+                "kl_sum": state["kl_sum"] + kl_total,
+                "sample_count": combined,
+                "mean_mean": state["mean_mean"] + delta * share,
+                "mean_m2": state["mean_m2"] + batch_m2 + delta * delta * previous * share,
+            }
+        )
 
     def call(self, inputs, training=None):
         mean, log_var, *prior = inputs
@@ -329,19 +367,25 @@ class KLActivityRegularization(_StatefulKLLayer):
             )
         # Per epoch, for KLMonitor: the activations summed per unit, the number of
         # entries in each sum, and the penalties that reached the loss.
-        self.activation_sum = self._add_statistic(
-            "activation_sum", () if units is None else (units,)
+        self._build_statistics(
+            (
+                ("activation_sum", () if units is None else (units,)),
+                ("activation_count", ()),
+                ("penalty_sum", ()),
+                ("batch_count", ()),
+            )
         )
-        self.activation_count = self._add_statistic("activation_count")
-        self.penalty_sum = self._add_statistic("penalty_sum")
-        self.batch_count = self._add_statistic("batch_count")
 
     def _accumulate(self, total, count, penalty):
-        total, count, penalty = (ops.cast(x, "float32") for x in (total, count, penalty))
-        self.activation_sum.assign_add(total)
-        self.activation_count.assign_add(count)
-        self.penalty_sum.assign_add(penalty)
-        self.batch_count.assign_add(ops.ones((), "float32"))
+        state = self._read_statistics()
+        self._write_statistics(
+            {
+                "activation_sum": state["activation_sum"] + ops.cast(total, "float32"),
+                "activation_count": state["activation_count"] + ops.cast(count, "float32"),
+                "penalty_sum": state["penalty_sum"] + ops.cast(penalty, "float32"),
+                "batch_count": state["batch_count"] + 1.0,
+            }
+        )
 
     def call(self, inputs, training=None):
         penalty, total, count = sparsity_terms(inputs, self.rho)

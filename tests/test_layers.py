@@ -276,8 +276,7 @@ def test_step_and_beta_state():
         layer([mean, log_var], training=True)
         assert int(to_numpy(layer.step)) == step + 1
         np.testing.assert_allclose(to_numpy(layer.current_beta), min(step / 4, 1.0), rtol=1e-6)
-    statistics = list(layer.statistics().values())
-    assert layer.non_trainable_weights == [layer.step, layer.current_beta, *statistics]
+    assert layer.non_trainable_weights == [layer.step, layer.current_beta, layer.statistics_state]
     assert layer.trainable_weights == []
     # A constant β keeps its value and the step still counts nothing it needs.
     constant = kl_keras.VariationalSampling(beta=0.25)
