@@ -258,25 +258,24 @@ class VariationalSampling(_StatefulKLLayer):
     def _accumulate(self, kl_total, count, mean):
         """Adds one (global) batch to the epoch's statistics.
 
-        The posterior means enter Chan et al.'s pairwise update around the running
-        mean, so a variance that is small next to the mean keeps its digits.
+        The posterior means are taken as deviations from the running mean m, so a
+        variance that is small next to the mean keeps its digits: with n samples
+        so far and S1, S2 the batch's sums of (mean - m) and (mean - m)², the new
+        count is n' = n + batch, the new mean m + S1 / n', and the sum of squared
+        deviations grows by S2 - S1² / n'.
         """
         state = self._read_statistics()
         kl_total, count, mean = (ops.cast(x, "float32") for x in (kl_total, count, mean))
         deviation = mean - state["mean_mean"]
-        batch_sum, _ = global_sum_and_count(deviation, axis=(0,))
-        batch_squares, _ = global_sum_and_count(deviation * deviation, axis=(0,))
-        previous = state["sample_count"]
-        combined = previous + count
-        delta = batch_sum / ops.maximum(count, 1.0)
-        share = count / ops.maximum(combined, 1.0)
-        batch_m2 = batch_squares - count * delta * delta
+        sums, _ = global_sum_and_count(ops.stack([deviation, deviation * deviation]), axis=(1,))
+        combined = state["sample_count"] + count
+        shift = sums[0] / ops.maximum(combined, 1.0)
         self._write_statistics(
             {
                 "kl_sum": state["kl_sum"] + kl_total,
                 "sample_count": combined,
-                "mean_mean": state["mean_mean"] + delta * share,
-                "mean_m2": state["mean_m2"] + batch_m2 + delta * delta * previous * share,
+                "mean_mean": state["mean_mean"] + shift,
+                "mean_m2": state["mean_m2"] + sums[1] - sums[0] * shift,
             }
         )
 
