@@ -64,7 +64,6 @@ class _StatefulKLLayer(keras.layers.Layer):
             initializer="zeros",
             trainable=False,
             aggregation="only_first_replica",
-            autocast=False,  # float32 also under mixed precision
             name="step",
         )
         self.current_beta = self.add_weight(
@@ -265,7 +264,9 @@ class VariationalSampling(_StatefulKLLayer):
         deviations grows by S2 - S1² / n'.
         """
         state = self._read_statistics()
-        kl_total, count, mean = (ops.cast(x, "float32") for x in (kl_total, count, mean))
+        kl_total, count, mean = (
+            ops.cast(ops.stop_gradient(x), "float32") for x in (kl_total, count, mean)
+        )
         deviation = mean - state["mean_mean"]
         sums, _ = global_sum_and_count(ops.stack([deviation, deviation * deviation]), axis=(1,))
         combined = state["sample_count"] + count
@@ -376,6 +377,7 @@ class KLActivityRegularization(_StatefulKLLayer):
         )
 
     def _accumulate(self, total, count, penalty):
+        total, count, penalty = (ops.stop_gradient(x) for x in (total, count, penalty))
         state = self._read_statistics()
         self._write_statistics(
             {

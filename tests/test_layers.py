@@ -496,3 +496,23 @@ def test_sparsity_layer_config_round_trips(beta):
     assert kl_keras.KLActivityRegularization.from_config(config).get_config() == config
     serialized = keras.saving.serialize_keras_object(layer)
     assert serialized["registered_name"] == "kl_keras>KLActivityRegularization"
+
+
+def test_sparsity_layer_inside_a_custom_layer_adds_the_penalty_itself():
+    # The direct call that a KLActivityRegularizer gets wrong on Keras >= 3.14 (it
+    # returns penalty * batch_size for Keras to divide): a sublayer adds the penalty.
+    class Encoder(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(5, activation="sigmoid")
+            self.sparsity = kl_keras.KLActivityRegularization(rho=0.1, beta=0.3)
+
+        def call(self, x):
+            return self.sparsity(self.dense(x))
+
+    x = RNG.normal(size=(64, 6)).astype("float32")
+    encoder = Encoder()
+    codes = encoder(x)
+    (value,) = encoder.losses
+    expected = kl_keras.KLActivityRegularizer(0.1, 0.3).penalty(codes)
+    np.testing.assert_allclose(to_numpy(value), to_numpy(expected), rtol=1e-6)
