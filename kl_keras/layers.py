@@ -79,8 +79,9 @@ class _StatefulKLLayer(keras.layers.Layer):
     def _build_statistics(self, layout):
         """One float32 variable for every statistic; `layout` is ((name, shape), ...).
 
-        One variable, not one per statistic: each variable is an input and an
-        output of JAX's compiled step, and one update costs less than several.
+        One variable, not one per statistic, updated by one short sequence of ops:
+        each variable is an input and an output of JAX's compiled step, and in
+        PyTorch's eager mode every op has a fixed cost.
         """
         self._statistics_layout = tuple((name, tuple(shape)) for name, shape in layout)
         size = sum(math.prod(shape) for _, shape in self._statistics_layout)
@@ -102,17 +103,6 @@ class _StatefulKLLayer(keras.layers.Layer):
             parts[name] = reshape(flat[offset : offset + size], shape)
             offset += size
         return parts
-
-    def _read_statistics(self):
-        """The statistics as tensors, inside a call."""
-        return self._unpack(ops.convert_to_tensor(self.statistics_state), ops.reshape)
-
-    def _write_statistics(self, parts):
-        flat = [
-            ops.reshape(ops.cast(parts[name], "float32"), (-1,))
-            for name, _ in self._statistics_layout
-        ]
-        self.statistics_state.assign(ops.concatenate(flat, axis=0))
 
     def statistics(self):
         """The statistics accumulated since the last reset, as numpy arrays by name."""
@@ -248,11 +238,12 @@ class VariationalSampling(_StatefulKLLayer):
         self._build_statistics(
             (
                 ("kl_sum", latent_shape),
-                ("sample_count", ()),
                 ("mean_mean", latent_shape),
                 ("mean_m2", latent_shape),
+                ("sample_count", ()),
             )
         )
+        self._latent_size = math.prod(latent_shape)
 
     def _accumulate(self, kl_total, count, mean):
         """Adds one (global) batch to the epoch's statistics.
@@ -263,22 +254,19 @@ class VariationalSampling(_StatefulKLLayer):
         count is n' = n + batch, the new mean m + S1 / n', and the sum of squared
         deviations grows by S2 - S1² / n'.
         """
-        state = self._read_statistics()
-        kl_total, count, mean = (
-            ops.cast(ops.stop_gradient(x), "float32") for x in (kl_total, count, mean)
-        )
-        deviation = mean - state["mean_mean"]
-        sums, _ = global_sum_and_count(ops.stack([deviation, deviation * deviation]), axis=(1,))
-        combined = state["sample_count"] + count
-        shift = sums[0] / ops.maximum(combined, 1.0)
-        self._write_statistics(
-            {
-                "kl_sum": state["kl_sum"] + kl_total,
-                "sample_count": combined,
-                "mean_mean": state["mean_mean"] + shift,
-                "mean_m2": state["mean_m2"] + sums[1] - sums[0] * shift,
-            }
-        )
+        size = self._latent_size
+        state = ops.convert_to_tensor(self.statistics_state)
+        kl_sum, running_mean, m2 = state[:size], state[size : 2 * size], state[2 * size : 3 * size]
+        mean = ops.reshape(ops.cast(ops.stop_gradient(mean), "float32"), (-1, size))
+        deviation = mean - running_mean
+        both = ops.concatenate([deviation, deviation * deviation], axis=1)
+        sums, _ = global_sum_and_count(both, axis=(0,))
+        combined = state[3 * size :] + ops.cast(ops.stop_gradient(count), "float32")
+        shift = sums[:size] / ops.maximum(combined, 1.0)
+        kl_total = ops.reshape(ops.cast(ops.stop_gradient(kl_total), "float32"), (-1,))
+        new_m2 = m2 + sums[size:] - sums[:size] * shift
+        update = [kl_sum + kl_total, running_mean + shift, new_m2, combined]
+        self.statistics_state.assign(ops.concatenate(update, axis=0))
 
     def call(self, inputs, training=None):
         mean, log_var, *prior = inputs
@@ -377,16 +365,10 @@ class KLActivityRegularization(_StatefulKLLayer):
         )
 
     def _accumulate(self, total, count, penalty):
-        total, count, penalty = (ops.stop_gradient(x) for x in (total, count, penalty))
-        state = self._read_statistics()
-        self._write_statistics(
-            {
-                "activation_sum": state["activation_sum"] + ops.cast(total, "float32"),
-                "activation_count": state["activation_count"] + ops.cast(count, "float32"),
-                "penalty_sum": state["penalty_sum"] + ops.cast(penalty, "float32"),
-                "batch_count": state["batch_count"] + 1.0,
-            }
-        )
+        # Every statistic here is a sum: one increment, in the layout's order.
+        scalars = ops.stack([count, penalty, ops.ones_like(count)])
+        increment = ops.concatenate([ops.reshape(total, (-1,)), scalars], axis=0)
+        self.statistics_state.assign_add(ops.cast(ops.stop_gradient(increment), "float32"))
 
     def call(self, inputs, training=None):
         penalty, total, count = sparsity_terms(inputs, self.rho)
