@@ -18,6 +18,15 @@ def _layers(model):
             yield from _layers(layer)
 
 
+def _regularized(model):
+    """The layers whose activity regularizer is a (stateless) KLActivityRegularizer."""
+    return [
+        layer
+        for layer in _layers(model)
+        if isinstance(getattr(layer, "activity_regularizer", None), KLActivityRegularizer)
+    ]
+
+
 def _numpy(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable), "float64")
 
@@ -130,18 +139,13 @@ class KLMonitor(keras.callbacks.Callback):
         for layer, _ in self._monitored():
             if layer.built:
                 logs[f"{layer.name}_beta"] = float(_numpy(layer.current_beta))
-        for layer in _layers(self.model):
-            if isinstance(getattr(layer, "activity_regularizer", None), KLActivityRegularizer):
-                logs[f"{layer.name}_beta"] = layer.activity_regularizer.beta
+        for layer in _regularized(self.model):
+            logs[f"{layer.name}_beta"] = layer.activity_regularizer.beta
         return logs
 
     def on_train_begin(self, logs=None):
         self._fitting = True
-        stateless = [
-            layer.name
-            for layer in _layers(self.model)
-            if isinstance(getattr(layer, "activity_regularizer", None), KLActivityRegularizer)
-        ]
+        stateless = [layer.name for layer in _regularized(self.model)]
         if stateless:
             warnings.warn(
                 f"KLMonitor: the layers {stateless} carry a KLActivityRegularizer, which "
