@@ -63,3 +63,22 @@ def test_keras_kl_divergence_direction():
     np.testing.assert_allclose(
         to_numpy(kl_divergence(p, q)), to_numpy(keras.losses.kl_divergence(p, q)), rtol=1e-6
     )
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="compares with torch on the torch backend")
+def test_torch_distributions_gaussian_kl_mapping():
+    # torch.distributions takes standard deviations: scale = exp(log_var / 2).
+    import torch
+    from torch.distributions import Normal
+    from torch.distributions import kl_divergence as torch_kl
+
+    from kl_keras import gaussian_kl_divergence
+
+    mean, log_var, prior_mean, prior_log_var = (
+        torch.tensor(RNG.normal(size=(5, 7)).astype("float32")) for _ in range(4)
+    )
+    theirs = torch_kl(
+        Normal(mean, torch.exp(log_var / 2)), Normal(prior_mean, torch.exp(prior_log_var / 2))
+    ).sum(-1)
+    ours = gaussian_kl_divergence(mean, log_var, prior_mean, prior_log_var)
+    np.testing.assert_allclose(to_numpy(ours), theirs.numpy(), rtol=1e-5, atol=1e-7)
