@@ -68,6 +68,22 @@ def reference_gaussian_kl(mean, log_var, prior_mean, prior_log_var):
     return 0.5 * np.sum(np.expm1(d) - d + (mean - prior_mean) ** 2 * np.exp(-prior_log_var), -1)
 
 
+def reference_sampling_loss(mean, log_var, beta=0.7, free_bits=0.05):
+    kl = 0.5 * (np.expm1(log_var) - log_var + mean**2)
+    return beta * np.sum(np.maximum(kl.mean(axis=0), free_bits))
+
+
+def added_loss(layer, *shapes):
+    """`(*tensors) -> the loss a built `layer` adds when called on them` (not training)."""
+    layer.build(list(shapes) if len(shapes) > 1 else shapes[0])
+
+    def loss(*inputs):
+        layer(list(inputs) if len(inputs) > 1 else inputs[0])
+        return layer.losses[0]
+
+    return loss
+
+
 def two_logits(rng):
     # Unit-scale logits: with larger values the reference H·v (nested float64 central
     # differences) loses digits to rounding before float32 does.
@@ -138,6 +154,16 @@ CASES = {
         kl_keras.gaussian_kl_divergence,
         lambda m, lv, pm, plv: reference_gaussian_kl(m, lv, pm, plv),
         lambda rng: [rng.normal(size=(2, 3, 4)).astype("float32") for _ in range(4)],
+    ),
+    "VariationalSampling added loss": Case(
+        added_loss(kl_keras.VariationalSampling(0.7, free_bits=0.05), (None, 3, 4), (None, 3, 4)),
+        reference_sampling_loss,
+        lambda rng: [rng.normal(size=(2, 3, 4)).astype("float32") for _ in range(2)],
+    ),
+    "KLActivityRegularization added loss": Case(
+        added_loss(kl_keras.KLActivityRegularization(rho=0.2, beta=1.5), (None, 4, 3)),
+        reference_penalty,
+        lambda rng: [rng.uniform(0.05, 0.95, size=(2, 4, 3)).astype("float32")],
     ),
     "KLActivityRegularizer.penalty": Case(
         lambda x: kl_keras.KLActivityRegularizer(rho=0.2, beta=1.5).penalty(x),
