@@ -21,6 +21,7 @@ Contenders:
 """
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -105,6 +106,9 @@ def compile_value_and_grad(fn, torch_compile):
         return loss, grad
 
     if torch_compile:
+        # One compiled graph per contender: they share `step`'s code object, and dynamo's
+        # default of 8 graphs per code object would silently run the rest eagerly.
+        torch._dynamo.config.recompile_limit = 64
         step = torch.compile(step)
     return step, lambda out: out
 
@@ -133,6 +137,41 @@ def peak_temp_bytes(fn, p, y):
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
+def _resident_bytes(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_resident_bytes(step, block, p, y):
+    """Peak memory of one fwd+bwd call above what was in use before it.
+
+    JAX and PyTorch: the kernel's high-water mark of resident memory (VmHWM, Linux), reset
+    through /proc/self/clear_refs just before the call; it counts the temporaries, the
+    gradient and the loss, whoever allocates them. TensorFlow keeps freed memory in its own
+    allocator's pool, so there the allocator's peak (`get_memory_info("CPU:0")`) is read.
+    """
+    gc.collect()
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        out = block(step(p, y))
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        del out
+        return peak - before
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _resident_bytes("VmRSS")
+    out = block(step(p, y))
+    peak = _resident_bytes("VmHWM")
+    del out
+    return peak - before
+
+
 def run(size_name, shape, repeats, torch_compile):
     table = contenders()
     prepared = {}
@@ -149,12 +188,16 @@ def run(size_name, shape, repeats, torch_compile):
             times[name].append(time.perf_counter() - start)
     input_bytes = int(np.prod(shape)) * 4
     rows = {}
-    for name, (_, _, p, y, fn) in prepared.items():
-        temp = peak_temp_bytes(fn, p, y) if size_name == "sequences" else None
+    for name, (step, block, p, y, fn) in prepared.items():
+        large = size_name == "sequences"
+        temp = peak_temp_bytes(fn, p, y) if large else None
+        peak = peak_resident_bytes(step, block, p, y) if large else None
         rows[name] = {
             "median_ms": 1e3 * statistics.median(times[name]),
             "temp_bytes": temp,
             "temp_over_input": None if temp is None else temp / input_bytes,
+            "peak_bytes": peak,
+            "peak_over_input": None if peak is None else peak / input_bytes,
         }
     return rows
 
@@ -199,6 +242,8 @@ def main():
             )
             if row["temp_over_input"] is not None:
                 line += f"  [temp memory {row['temp_over_input']:.2f}x one input]"
+            if row["peak_over_input"] is not None:
+                line += f"  [peak memory {row['peak_over_input']:.2f}x one input]"
             print(line)
     if args.json:
         with open(args.json, "w") as f:

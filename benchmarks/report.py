@@ -14,25 +14,36 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 BASELINES = {"kl_keras logits": "keras softmax+KLD", "kl_keras probs": "keras KLD probs"}
 
 
+PEERS = ("torch kl_div", "optax kl_divergence")
+
+
+def _ratio(value):
+    return "" if value is None else f"{value:.2f}"
+
+
 def kl_table(result):
     lines = [
         f"**{result['backend']}** ({result['mode']}), Keras {result['keras']}",
         "",
-        "| size | contender | median ms | × memory floor | × what it replaces "
-        "| temp memory × one input |",
-        "|---|---|---:|---:|---:|---:|",
+        "| size | contender | median ms | × memory floor | × what it replaces | × native peer "
+        "| peak memory × one input | XLA temp × one input |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for size, entry in result["sizes"].items():
         rows = entry["rows"]
         floor = rows["memory floor"]["median_ms"]
+        peer = next((rows[name]["median_ms"] for name in PEERS if name in rows), None)
         for name, row in rows.items():
             versus = ""
             if name in BASELINES:
                 versus = f"{row['median_ms'] / rows[BASELINES[name]]['median_ms']:.2f}"
-            temp = "" if row["temp_over_input"] is None else f"{row['temp_over_input']:.2f}"
+            versus_peer = ""
+            if peer is not None and name == "kl_keras logits":
+                versus_peer = f"{row['median_ms'] / peer:.2f}"
             lines.append(
                 f"| {size} {tuple(entry['shape'])} | {name} | {row['median_ms']:.2f} "
-                f"| {row['median_ms'] / floor:.2f} | {versus} | {temp} |"
+                f"| {row['median_ms'] / floor:.2f} | {versus} | {versus_peer} "
+                f"| {_ratio(row.get('peak_over_input'))} | {_ratio(row['temp_over_input'])} |"
             )
     return "\n".join(lines)
 

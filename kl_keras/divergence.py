@@ -33,7 +33,7 @@ import math
 import keras
 from keras import ops
 
-from kl_keras import _checks
+from kl_keras import _checks, _kernels
 
 _HALF_DTYPES = ("float16", "bfloat16")
 
@@ -129,10 +129,6 @@ def _kl_terms(p, q):
     return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
 
 
-def _log_softmax(logits, axis):
-    return logits - ops.logsumexp(logits, axis=axis, keepdims=True)
-
-
 def kl_from_probabilities(y_true, y_pred, axis=-1):
     """KL(y_true ‖ y_pred) for two tensors of probabilities.
 
@@ -174,7 +170,15 @@ def kl_from_logits(y_true, logits, axis=-1):
     Returns:
         The divergences, with `axis` removed.
     """
-    log_ratio = _log_target(y_true) - _log_softmax(logits, axis)
+    if _kernels.op_by_op():
+        # Fewest full-size temporaries where each op is a kernel: the target's entropy
+        # and the cross term are two sums, with no log ratio formed between them.
+        zero = y_true == 0
+        entropy = ops.sum(y_true * ops.log(ops.where(zero, 1.0, y_true)), axis=axis)
+        log_pred = _kernels.log_softmax(logits, axis)
+        cross = ops.sum(y_true * ops.where(zero, 0.0, log_pred), axis=axis)
+        return nan_gradients_where_nan(entropy - cross)
+    log_ratio = _log_target(y_true) - _kernels.log_softmax(logits, axis)
     return nan_gradients_where_nan(ops.sum(_weighted_terms(y_true, log_ratio), axis=axis))
 
 
@@ -191,7 +195,7 @@ def reverse_kl_from_logits(y_true, logits, axis=-1):
     loss = sum(q * (log_softmax(logits) - log(max(y_true, epsilon))), axis=axis)
     ```
     """
-    log_pred = _log_softmax(logits, axis)
+    log_pred = _kernels.log_softmax(logits, axis)
     log_ratio = log_pred - ops.log(floor_probabilities(y_true))
     return nan_gradients_where_nan(ops.sum(_weighted_terms(ops.exp(log_pred), log_ratio), axis))
 
@@ -224,7 +228,7 @@ def jeffreys_from_logits(y_true, logits, axis=-1):
 
     A logit of `-inf` (q = 0) is allowed wherever `y_true` is 0.
     """
-    log_pred = _log_softmax(logits, axis)
+    log_pred = _kernels.log_softmax(logits, axis)
     # A masked class with no target mass (y_true = 0, logit -inf) is 0 * inf: exactly 0.
     masked = ops.logical_and(y_true == 0, ops.isinf(log_pred))
     log_ratio = ops.where(masked, 0.0, _log_floor(y_true) - log_pred)
@@ -286,7 +290,7 @@ def jensen_shannon_from_logits(y_true, logits, beta=0.5, axis=-1):
     if beta == 1.0:
         return reverse_kl_from_logits(y_true, logits, axis=axis)
     log_true = _log_target(y_true)
-    log_pred = _log_softmax(logits, axis)
+    log_pred = _kernels.log_softmax(logits, axis)
     weighted_pred = math.log(1.0 - beta) + log_pred
     log_mixture = ops.where(
         y_true == 0, weighted_pred, ops.logaddexp(math.log(beta) + log_true, weighted_pred)
@@ -305,24 +309,9 @@ def binary_kl_from_probabilities(y_true, y_pred, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def _log_sigmoids(logits):
-    """`(log_sigmoid(logits), log_sigmoid(-logits))` from one `log1p(exp(-|logits|))`.
-
-    `log_sigmoid(z) = min(z, 0) - log1p(exp(-|z|))` and `log_sigmoid(-z) = -relu(z) -
-    log1p(exp(-|z|))`. `-|z|` and `min(z, 0)` are `where`s that take the `z <= 0` branch at
-    0, and every backend gives `relu` the derivative 0 there, so every derivative is that
-    of the smooth function, at 0 as well (`sigmoid(0) = 0.5`, tested); `z = +inf` and
-    `z = -inf` give 0 and -inf as they should.
-    """
-    positive = logits > 0
-    softplus_of_negative_abs = ops.log1p(ops.exp(ops.where(positive, -logits, logits)))
-    log_on = ops.where(positive, 0.0, logits) - softplus_of_negative_abs
-    return log_on, -ops.relu(logits) - softplus_of_negative_abs
-
-
 def binary_kl_from_logits(y_true, logits, axis=-1):
     """Binary KL against `sigmoid(logits)`, through log-sigmoids: nothing is clipped."""
-    log_on, log_off = _log_sigmoids(logits)
+    log_on, log_off = _kernels.log_sigmoids(logits)
     positive = _weighted_terms(y_true, _log_target(y_true) - log_on)
     off = 1.0 - y_true
     negative = _weighted_terms(off, _log_target(off) - log_off)
@@ -353,8 +342,8 @@ def distillation_from_logits(teacher_logits, student_logits, temperature, diverg
       For `"reverse_kl"` and `"jeffreys"` the true value is infinite wherever the student
       puts mass there, so log P is floored at `log(epsilon)` (derivative 0 below it).
     """
-    log_true = _log_softmax(teacher_logits / temperature, axis)
-    log_pred = _log_softmax(student_logits / temperature, axis)
+    log_true = _kernels.log_softmax(teacher_logits / temperature, axis)
+    log_pred = _kernels.log_softmax(student_logits / temperature, axis)
     true, pred = ops.exp(log_true), ops.exp(log_pred)
     if divergence == "jensen_shannon" and beta == 0.0:
         divergence = "kl"

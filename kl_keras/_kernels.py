@@ -1,0 +1,45 @@
+"""The exact forms that run fastest on each backend's engine.
+
+Everything in kl_keras is `keras.ops`; what differs between backends is only which of
+two exact forms of the same function is cheaper, and every derivative mode stays the
+backend's own. XLA (TensorFlow with `jit_compile`, JAX) fuses a chain of elementwise
+ops into one pass, so `z - logsumexp(z)` costs no more than a log-softmax and keeps
+less in memory for the gradient (one input, where a fused log-softmax keeps two on
+JAX). PyTorch runs op by op, each op a kernel that writes a full-size temporary, so
+there the fused `log_softmax` and `log_sigmoid` kernels (one pass forward, one
+backward, with forward-mode, second-order and `torch.func` rules) win. Measured in
+BENCHMARKS.md.
+"""
+
+import keras
+from keras import ops
+
+
+def op_by_op():
+    """True on PyTorch, whose eager engine runs one kernel per op (see the module docstring)."""
+    return keras.backend.backend() == "torch"
+
+
+def log_softmax(logits, axis):
+    """`logits - logsumexp(logits, axis)`: a fused kernel on PyTorch, the fusable form elsewhere."""
+    if op_by_op():
+        return ops.log_softmax(logits, axis=axis)
+    return logits - ops.logsumexp(logits, axis=axis, keepdims=True)
+
+
+def log_sigmoids(logits):
+    """`(log_sigmoid(logits), log_sigmoid(-logits))`, each exact with its derivatives at 0.
+
+    PyTorch: two fused `log_sigmoid` kernels. XLA: both from one `log1p(exp(-|z|))`,
+    `log_sigmoid(z) = min(z, 0) - log1p(exp(-|z|))` and `log_sigmoid(-z) = -relu(z) -
+    log1p(exp(-|z|))`, where `-|z|` and `min(z, 0)` are `where`s that take the `z <= 0`
+    branch at 0, and every backend gives `relu` the derivative 0 there, so every
+    derivative is that of the smooth function, at 0 as well (`sigmoid(0) = 0.5`, tested);
+    `z = +inf` and `z = -inf` give 0 and -inf as they should.
+    """
+    if op_by_op():
+        return ops.log_sigmoid(logits), ops.log_sigmoid(-logits)
+    positive = logits > 0
+    softplus_of_negative_abs = ops.log1p(ops.exp(ops.where(positive, -logits, logits)))
+    log_on = ops.where(positive, 0.0, logits) - softplus_of_negative_abs
+    return log_on, -ops.relu(logits) - softplus_of_negative_abs

@@ -1,0 +1,100 @@
+"""Both forms of `kl_keras._kernels` on every backend: the one this backend runs, and the other.
+
+PyTorch runs the fused log-softmax / log-sigmoid and the entropy - cross form of KL from
+logits; TensorFlow and JAX run `z - logsumexp(z)` and one log ratio. Each form is forced here
+on the current backend, so both are checked against float64 on all three, and the two must
+give the same gradients.
+"""
+
+import keras
+import numpy as np
+import pytest
+from helpers import value_and_grad
+from scipy.special import expit, rel_entr, softmax
+
+import kl_keras
+from kl_keras import _kernels
+
+RNG = np.random.default_rng(13)
+P = RNG.dirichlet(np.full(7, 0.5), size=5).astype("float32")
+P[0, 2] = 0.0  # a zero target
+Z = RNG.normal(scale=3.0, size=(5, 7)).astype("float32")
+BITS = RNG.uniform(size=(5, 7)).astype("float32")
+BITS[0, :2] = [0.0, 1.0]
+
+
+def kl(p, q):
+    return np.sum(rel_entr(p, q), -1)
+
+
+def floored(q):
+    return np.maximum(q, 1e-7)
+
+
+# name -> (kl_keras function, float64 reference on (p, q), targets)
+CASES = {
+    "kl": (kl_keras.kl_divergence, kl, P),
+    "reverse_kl": (kl_keras.reverse_kl_divergence, lambda p, q: kl(q, floored(p)), P),
+    "jeffreys": (
+        kl_keras.jeffreys_divergence,
+        lambda p, q: np.sum((p - q) * (np.log(floored(p)) - np.log(q)), -1),
+        P,
+    ),
+    "jensen_shannon": (
+        kl_keras.jensen_shannon_divergence,
+        lambda p, q: 0.5 * kl(p, (p + q) / 2) + 0.5 * kl(q, (p + q) / 2),
+        P,
+    ),
+    "binary_kl": (kl_keras.binary_kl_divergence, lambda p, q: kl(p, q) + kl(1 - p, 1 - q), BITS),
+}
+
+
+@pytest.fixture(params=[True, False], ids=["op_by_op", "fusable"])
+def form(request, monkeypatch):
+    monkeypatch.setattr(_kernels, "op_by_op", lambda: request.param)
+    return request.param
+
+
+def grad_of_logits(name, targets):
+    function = CASES[name][0]
+    return value_and_grad(lambda p, z: function(p, z, from_logits=True), targets, Z)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_both_forms_match_float64(form, name):
+    _, reference, targets = CASES[name]
+    q = expit(np.float64(Z)) if name == "binary_kl" else softmax(np.float64(Z), axis=-1)
+    value, _ = grad_of_logits(name, targets)
+    np.testing.assert_allclose(value, np.sum(reference(np.float64(targets), q)), rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_both_forms_have_the_same_gradients(monkeypatch, name):
+    targets = CASES[name][2]
+    monkeypatch.setattr(_kernels, "op_by_op", lambda: True)
+    _, (grad_p_op, grad_z_op) = grad_of_logits(name, targets)
+    monkeypatch.setattr(_kernels, "op_by_op", lambda: False)
+    _, (grad_p, grad_z) = grad_of_logits(name, targets)
+    np.testing.assert_allclose(grad_z_op, grad_z, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grad_p_op, grad_p, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_gradient_is_softmax_minus_target(form):
+    _, (grad_p, grad_z) = grad_of_logits("kl", P)
+    q = softmax(np.float64(Z), axis=-1)
+    np.testing.assert_allclose(grad_z, q * P.sum(-1, keepdims=True) - P, atol=1e-6)
+    assert grad_p[0, 2] == 0.0  # the zero target: gradient 0, not -inf or NaN
+
+
+def test_masked_classes_and_invalid_rows(form):
+    p = np.array([[0.6, 0.0, 0.4], [0.5, -0.1, 0.6], [0.3, 0.3, 0.4]], dtype="float32")
+    z = np.array([[1.0, -np.inf, 2.0], [0.1, 0.2, 0.3], [0.0, 1.0, np.nan]], dtype="float32")
+    value = keras.ops.convert_to_numpy(kl_keras.kl_divergence(p, z, from_logits=True))
+    expected = kl(np.float64([0.6, 0.4]), softmax(np.float64([1.0, 2.0])))
+    np.testing.assert_allclose(value[0], expected, rtol=2e-6)
+    assert np.isnan(value[1]) and np.isnan(value[2])
+    _, (_, grad_z) = value_and_grad(
+        lambda t, u: kl_keras.kl_divergence(t, u, from_logits=True), p, z
+    )
+    assert grad_z[0, 1] == 0.0 and np.all(np.isfinite(grad_z[0]))
+    assert np.all(np.isnan(grad_z[1:]))
