@@ -19,7 +19,7 @@ from kl_keras.losses import (
 )
 from kl_keras.regularizers import KLActivityRegularizer
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BinaryKLDivergence",

@@ -36,7 +36,53 @@ FIXTURES = [p for p in ALL_FIXTURES if p not in DISTILLERS + LAYERS]
 def test_there_are_fixtures():
     assert len(FIXTURES) >= 10 and len(DISTILLERS) >= 1 and len(LAYERS) >= 1
     versions = {json.loads(p.with_suffix(".json").read_text())["kl_keras"] for p in ALL_FIXTURES}
-    assert {"0.1.0", "0.2.0.dev0"} <= versions
+    assert {"0.1.0", "0.2.0.dev0", "0.2.0"} <= versions
+
+
+def _saved_kl_keras_objects(expected):
+    """`module.ClassName` of every kl_keras object a fixture's JSON says was saved."""
+    configs = [expected.get("loss"), *expected.get("distillation_losses", [])]
+    configs += [*expected.get("metrics", []), *expected.get("layers", {}).values()]
+    return [
+        f"{c['module']}.{c['class_name']}"
+        for c in configs
+        if c and c.get("module", "").startswith("kl_keras")
+    ]
+
+
+def test_the_0_2_set_saves_every_public_object():
+    # Saved with the minimum Keras by 0.2.0 (and its development versions): every public
+    # object that can be saved, each loss in at least two configurations.
+    counts = {}
+    layers = {}
+    for path in ALL_FIXTURES:
+        expected = json.loads(path.with_suffix(".json").read_text())
+        if not expected["kl_keras"].startswith("0.2"):
+            continue
+        assert expected["keras"].startswith("3.12"), path.stem
+        for name in _saved_kl_keras_objects(expected):
+            counts[name] = counts.get(name, 0) + 1
+        layers.update(expected.get("layers", {}))
+    for name in LOSS_NAMES:
+        assert counts.get(f"kl_keras.losses.{name}", 0) >= 2, name
+        assert counts.get(f"kl_keras.metrics.{name}", 0) >= 1, name
+    assert counts.get("kl_keras.distillation.LogitsDistillation", 0) >= 2
+    assert DISTILLERS and all(
+        json.loads(p.with_suffix(".json").read_text())["kl_keras"].startswith("0.2")
+        for p in DISTILLERS
+    )
+    sampling = next(c for c in layers.values() if c["class_name"] == "VariationalSampling")
+    assert sampling["config"]["free_bits"] > 0 and isinstance(sampling["config"]["beta"], dict)
+    assert any(c["class_name"] == "KLActivityRegularization" for c in layers.values())
+
+
+LOSS_NAMES = [
+    "BinaryKLDivergence",
+    "JeffreysDivergence",
+    "JensenShannonDivergence",
+    "KLDivergence",
+    "ReverseKLDivergence",
+]
 
 
 @pytest.mark.parametrize("path", DISTILLERS, ids=[p.stem for p in DISTILLERS])

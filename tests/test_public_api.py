@@ -67,6 +67,13 @@ def test_registered_names_are_a_promise():
     for name, obj in promised.items():
         assert keras.saving.get_registered_object(name) is obj, name
         assert keras.saving.get_registered_name(obj) == name
+    # And nothing else is registered: a new name joins the promise above, in this test.
+    registered = {
+        name
+        for name in keras.saving.get_custom_objects()
+        if name.split(">")[0] in ("kl_keras", "kl_keras.metrics")
+    }
+    assert registered == set(promised)
 
 
 def test_public_objects_subclass_keras_bases():
