@@ -3,38 +3,40 @@
 import inspect
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 
-def _invalid(name, expected, value):
+def _invalid(name: str, expected: str, value: Any) -> ValueError:
     return ValueError(
         f"Invalid value for argument `{name}`. Expected {expected}. Received: {name}={value!r}"
     )
 
 
-def _wrong_type(name, expected, value):
+def _wrong_type(name: str, expected: str, value: Any) -> TypeError:
     return TypeError(
         f"Invalid type for argument `{name}`. Expected {expected}. "
         f"Received: {name}={value!r} of type {type(value).__name__}"
     )
 
 
-def check_bool(name, value):
+def check_bool(name: str, value: Any) -> bool:
     """Returns `value` as a Python bool; numbers and strings are refused."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise _wrong_type(name, "a bool", value)
 
 
-def check_axis(value):
+def check_axis(value: Any) -> int:
     """Returns `value` as a Python int; bools, floats and strings are refused."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     raise _wrong_type("axis", "an int", value)
 
 
-def check_real(name, value, expected, is_valid):
+def check_real(name: str, value: Any, expected: str, is_valid: Callable[[float], bool]) -> float:
     """Returns `value` as a float if it is a finite real number accepted by `is_valid`.
 
     `expected` describes the accepted values in the error message.
@@ -47,7 +49,7 @@ def check_real(name, value, expected, is_valid):
     return value
 
 
-def check_positive_int(name, value):
+def check_positive_int(name: str, value: Any) -> int:
     """Returns `value` as a Python int if it is an integer >= 1; bools are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _wrong_type(name, "an int >= 1", value)
@@ -56,22 +58,22 @@ def check_positive_int(name, value):
     return int(value)
 
 
-def check_rho(value):
+def check_rho(value: Any) -> float:
     """The target mean activation of a sparsity penalty: a float strictly inside (0, 1)."""
     return check_real("rho", value, "a float strictly between 0 and 1", lambda v: 0.0 < v < 1.0)
 
 
-def check_weight(name, value):
+def check_weight(name: str, value: Any) -> float:
     """The weight of a penalty: a finite float >= 0."""
     return check_real(name, value, "a finite float >= 0", lambda v: 0.0 <= v < float("inf"))
 
 
-def check_beta(value):
+def check_beta(value: Any) -> float:
     """The mixture weight of the Jensen-Shannon divergence: a float in [0, 1]."""
     return check_real("beta", value, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
-def check_config(cls, config):
+def check_config(cls: Any, config: Any) -> None:
     """Refuses a config for `cls` that is not a dict or has keys `cls` does not take.
 
     Missing keys are allowed and take the constructor's defaults, as in Keras: a
@@ -89,7 +91,7 @@ def check_config(cls, config):
         )
 
 
-def broadcast_rank(y_true_shape, y_pred_shape):
+def broadcast_rank(y_true_shape: tuple[Any, ...], y_pred_shape: tuple[Any, ...]) -> int:
     """The rank of the broadcast of two static shapes; raises if they cannot broadcast.
 
     Unknown dimensions (`None`) are assumed to fit.
@@ -106,7 +108,7 @@ def broadcast_rank(y_true_shape, y_pred_shape):
     return rank
 
 
-def check_axis_in_rank(axis, rank):
+def check_axis_in_rank(axis: int, rank: int) -> None:
     """Refuses an `axis` that the (broadcast) inputs of `rank` do not have."""
     if not -rank <= axis < rank:
         expected = (
@@ -117,7 +119,9 @@ def check_axis_in_rank(axis, rank):
         raise _invalid("axis", expected, axis)
 
 
-def check_distribution_shapes(y_true_shape, y_pred_shape, axis):
+def check_distribution_shapes(
+    y_true_shape: tuple[Any, ...], y_pred_shape: tuple[Any, ...], axis: int
+) -> None:
     """Refuses inputs that cannot hold distributions along `axis` against each other.
 
     The shapes must broadcast and have `axis`; and along `axis` itself they must

@@ -16,8 +16,10 @@ the gradient of the global penalty.
 import keras
 from keras import ops
 
+from kl_keras._types import Tensor
 
-def global_sum_and_count(x, axis):
+
+def global_sum_and_count(x: Tensor, axis: tuple[int, ...]) -> Tensor:
     """`ops.sum(x, axis)` and the number of entries summed into each value.
 
     Both are over the global batch, also inside a tf.distribute replica, where

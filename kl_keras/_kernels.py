@@ -14,20 +14,22 @@ BENCHMARKS.md.
 import keras
 from keras import ops
 
+from kl_keras._types import Tensor
 
-def op_by_op():
+
+def op_by_op() -> Tensor:
     """True on PyTorch, whose eager engine runs one kernel per op (see the module docstring)."""
     return keras.backend.backend() == "torch"
 
 
-def log_softmax(logits, axis):
+def log_softmax(logits: Tensor, axis: int) -> Tensor:
     """`logits - logsumexp(logits, axis)`: a fused kernel on PyTorch, the fusable form elsewhere."""
     if op_by_op():
         return ops.log_softmax(logits, axis=axis)
     return logits - ops.logsumexp(logits, axis=axis, keepdims=True)
 
 
-def log_sigmoids(logits):
+def log_sigmoids(logits: Tensor) -> Tensor:
     """`(log_sigmoid(logits), log_sigmoid(-logits))`, each exact with its derivatives at 0.
 
     PyTorch: two fused `log_sigmoid` kernels. XLA: both from one `log1p(exp(-|z|))`,

@@ -1,6 +1,8 @@
 """KLMonitor: the numbers behind a KL term, in `fit`'s logs each epoch."""
 
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -9,8 +11,10 @@ from kl_keras import _checks
 from kl_keras.layers import KLActivityRegularization, VariationalSampling
 from kl_keras.regularizers import KLActivityRegularizer
 
+__all__ = ["KLMonitor"]
 
-def _layers(model):
+
+def _layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
     """Every layer of `model`, nested models included."""
     for layer in model.layers:
         yield layer
@@ -18,7 +22,7 @@ def _layers(model):
             yield from _layers(layer)
 
 
-def _regularized(model):
+def _regularized(model: keras.Model) -> list[keras.layers.Layer]:
     """The layers whose activity regularizer is a (stateless) KLActivityRegularizer."""
     return [
         layer
@@ -27,11 +31,11 @@ def _regularized(model):
     ]
 
 
-def _numpy(variable):
+def _numpy(variable: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable), "float64")
 
 
-def _sparsity_logs(layer, dead_threshold):
+def _sparsity_logs(layer: KLActivityRegularization, dead_threshold: float) -> dict[str, float]:
     state = layer.statistics()
     if state["activation_count"] == 0:
         return {}
@@ -45,7 +49,7 @@ def _sparsity_logs(layer, dead_threshold):
     }
 
 
-def _latent_logs(layer, active_threshold):
+def _latent_logs(layer: VariationalSampling, active_threshold: float) -> dict[str, float]:
     state = layer.statistics()
     count = state["sample_count"]
     if count == 0:
@@ -100,24 +104,24 @@ class KLMonitor(keras.callbacks.Callback):
             than this across the samples is active, a float >= 0.
     """
 
-    def __init__(self, dead_threshold=1e-3, active_threshold=0.01):
+    def __init__(self, dead_threshold: float = 1e-3, active_threshold: float = 0.01) -> None:
         super().__init__()
         self.dead_threshold = _checks.check_real(
             "dead_threshold", dead_threshold, "a float in [0, 1)", lambda v: 0.0 <= v < 1.0
         )
         self.active_threshold = _checks.check_weight("active_threshold", active_threshold)
-        self._training_logs = None
-        self._validation_logs = None
+        self._training_logs: dict[str, float] | None = None
+        self._validation_logs: dict[str, float] | None = None
         self._fitting = False
 
-    def _monitored(self):
+    def _monitored(self) -> Iterator[tuple[keras.layers.Layer, str]]:
         for layer in _layers(self.model):
             if isinstance(layer, KLActivityRegularization):
                 yield layer, "sparsity"
             elif isinstance(layer, VariationalSampling):
                 yield layer, "latent"
 
-    def _read(self):
+    def _read(self) -> dict[str, float]:
         logs = {}
         for layer, kind in self._monitored():
             if not layer.built:
@@ -129,12 +133,12 @@ class KLMonitor(keras.callbacks.Callback):
             logs.update({f"{layer.name}_{key}": value for key, value in values.items()})
         return logs
 
-    def _reset(self):
+    def _reset(self) -> None:
         for layer, _ in self._monitored():
             if layer.built:
                 layer.reset_statistics()
 
-    def _betas(self):
+    def _betas(self) -> dict[str, float]:
         logs = {}
         for layer, _ in self._monitored():
             if layer.built:
@@ -143,7 +147,7 @@ class KLMonitor(keras.callbacks.Callback):
             logs[f"{layer.name}_beta"] = layer.activity_regularizer.beta
         return logs
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._fitting = True
         stateless = [layer.name for layer in _regularized(self.model)]
         if stateless:
@@ -154,24 +158,24 @@ class KLMonitor(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._fitting = False
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._training_logs = None
         self._validation_logs = None
         self._reset()
 
-    def on_test_begin(self, logs=None):
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         if self._fitting:  # validation inside fit: keep the training epoch's numbers
             self._training_logs = self._read()
             self._reset()
 
-    def on_test_end(self, logs=None):
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._fitting:
             self._validation_logs = self._read()
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
             return
         training = self._training_logs if self._training_logs is not None else self._read()

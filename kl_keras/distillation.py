@@ -2,22 +2,27 @@
 
 import math
 import numbers
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
 
 from kl_keras import _checks
 from kl_keras import divergence as _math
+from kl_keras._types import Config, Tensor
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 
-def _check_temperature(value):
+def _check_temperature(value: Any) -> float:
     expected = "a finite number > 0"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"Invalid type for argument `temperature`. Expected {expected}. "
             f"Received: temperature={value!r} of type {type(value).__name__}"
         )
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(
             f"Invalid value for argument `temperature`. Expected {expected}. "
             f"Received: temperature={value!r}"
@@ -25,7 +30,7 @@ def _check_temperature(value):
     return float(value)
 
 
-def _check_divergence(value):
+def _check_divergence(value: Any) -> str:
     if value not in _math.DISTILLATION_DIVERGENCES:
         valid = ", ".join(repr(name) for name in _math.DISTILLATION_DIVERGENCES)
         raise ValueError(
@@ -104,14 +109,14 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
 
     def __init__(
         self,
-        temperature=1.0,
-        divergence="kl",
-        beta=0.5,
-        axis=-1,
-        reduction="sum_over_batch_size",
-        name="logits_distillation",
-        dtype=None,
-    ):
+        temperature: float = 1.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = "logits_distillation",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _check_temperature(temperature)
         self.divergence = _check_divergence(divergence)
@@ -120,7 +125,7 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
         # Keras's Loss.get_config leaves `dtype` out on some versions: kept here, as given.
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         y_pred = ops.convert_to_tensor(y_pred)
         input_dtype = keras.backend.standardize_dtype(y_pred.dtype)
         dtype = _math.computation_dtype(input_dtype)
@@ -133,14 +138,16 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
         result_dtype = input_dtype if keras.backend.is_float_dtype(input_dtype) else dtype
         return ops.cast(values, result_dtype)
 
-    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+    def compute_loss(
+        self, teacher_outputs: Tensor, student_outputs: Tensor, **kwargs: Any
+    ) -> Tensor:
         """The loss summed over the outputs' structure (`keras.distillation` entry point)."""
         losses = keras.tree.flatten(
             keras.tree.map_structure(self, teacher_outputs, student_outputs)
         )
         return losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             {
@@ -154,6 +161,6 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> "Self":
         _checks.check_config(cls, config)
         return cls(**config)

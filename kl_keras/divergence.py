@@ -29,16 +29,18 @@ Annals of Mathematical Statistics 22(1), 1951.
 """
 
 import math
+from typing import Any
 
 import keras
 from keras import ops
 
 from kl_keras import _checks, _kernels
+from kl_keras._types import Tensor
 
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
-def computation_dtype(dtype):
+def computation_dtype(dtype: Any) -> str:
     """The dtype the divergences are computed in for inputs of `dtype`.
 
     float16 and bfloat16 are widened to float32; other float dtypes are kept;
@@ -52,7 +54,7 @@ def computation_dtype(dtype):
     return keras.config.floatx()
 
 
-def clip_keep_gradient(x, min_value, max_value):
+def clip_keep_gradient(x: Tensor, min_value: float, max_value: float) -> Tensor:
     """`clip(x, min_value, max_value)` whose derivative is that of `x` itself.
 
     The value is exactly the clipped one; below and above the interval the
@@ -68,7 +70,7 @@ def clip_keep_gradient(x, min_value, max_value):
     return ops.where(x > max_value, max_value + identity, low)
 
 
-def floor_probabilities(x):
+def floor_probabilities(x: Tensor) -> Tensor:
     """`max(x, epsilon)` with the derivative of `x` kept, and NaN for negative `x`.
 
     The floor only lifts zeros and underflows (the derivative below it is that
@@ -84,7 +86,7 @@ def floor_probabilities(x):
     return ops.where(x >= epsilon, x, lifted)
 
 
-def nan_gradients_where_nan(values):
+def nan_gradients_where_nan(values: Tensor) -> Tensor:
     """`values`, each NaN one made to carry NaN derivatives in every autodiff mode.
 
     Each value is multiplied by 1 (exact) where it is a number and by NaN where
@@ -98,7 +100,7 @@ def nan_gradients_where_nan(values):
     return values * scale
 
 
-def _weighted_terms(weights, log_ratio):
+def _weighted_terms(weights: Tensor, log_ratio: Tensor) -> Tensor:
     """`weights * log_ratio` with `0 * log_ratio = 0` wherever `weights == 0`.
 
     The inner `where` keeps `0 * inf` (a masked logit, a zero denominator) out
@@ -108,17 +110,17 @@ def _weighted_terms(weights, log_ratio):
     return weights * ops.where(weights == 0, 0.0, log_ratio)
 
 
-def _log_target(y_true):
+def _log_target(y_true: Tensor) -> Tensor:
     """`log(y_true)`; 0 where `y_true == 0` (unused there), NaN where it is negative."""
     return ops.log(ops.where(y_true == 0, 1.0, y_true))
 
 
-def _positive_or_nan(x):
+def _positive_or_nan(x: Tensor) -> Tensor:
     """`x` where positive, 1 where 0 (a weight-0 entry), NaN where negative or NaN."""
     return ops.where(x > 0, x, ops.cast(ops.where(x == 0, 1.0, float("nan")), x.dtype))
 
 
-def _kl_terms(p, q):
+def _kl_terms(p: Tensor, q: Tensor) -> Tensor:
     """The terms `p * log(p / max(q, epsilon))` of KL(p ‖ q) on probabilities, elementwise.
 
     The log of the ratio is taken in one `log`, which is more precise than a
@@ -129,7 +131,7 @@ def _kl_terms(p, q):
     return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
 
 
-def kl_from_probabilities(y_true, y_pred, axis=-1):
+def kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """KL(y_true ‖ y_pred) for two tensors of probabilities.
 
     ```python
@@ -150,7 +152,7 @@ def kl_from_probabilities(y_true, y_pred, axis=-1):
     return nan_gradients_where_nan(ops.sum(_kl_terms(y_true, y_pred), axis=axis))
 
 
-def kl_from_logits(y_true, logits, axis=-1):
+def kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     """KL(y_true ‖ softmax(logits)) computed through log-softmax.
 
     ```python
@@ -182,12 +184,12 @@ def kl_from_logits(y_true, logits, axis=-1):
     return nan_gradients_where_nan(ops.sum(_weighted_terms(y_true, log_ratio), axis=axis))
 
 
-def reverse_kl_from_probabilities(y_true, y_pred, axis=-1):
+def reverse_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """KL(y_pred ‖ y_true): `sum(y_pred * log(y_pred / max(y_true, epsilon)))`."""
     return kl_from_probabilities(y_pred, y_true, axis=axis)
 
 
-def reverse_kl_from_logits(y_true, logits, axis=-1):
+def reverse_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     """KL(softmax(logits) ‖ y_true), with `y_true` floored at epsilon inside the log.
 
     ```python
@@ -200,12 +202,12 @@ def reverse_kl_from_logits(y_true, logits, axis=-1):
     return nan_gradients_where_nan(ops.sum(_weighted_terms(ops.exp(log_pred), log_ratio), axis))
 
 
-def _log_floor(x):
+def _log_floor(x: Tensor) -> Tensor:
     """`log(max(x, epsilon))` with the derivative kept below the floor; NaN for negative `x`."""
     return ops.log(floor_probabilities(x))
 
 
-def jeffreys_from_probabilities(y_true, y_pred, axis=-1):
+def jeffreys_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true) on probabilities, both floored at epsilon.
 
     ```python
@@ -219,7 +221,7 @@ def jeffreys_from_probabilities(y_true, y_pred, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def jeffreys_from_logits(y_true, logits, axis=-1):
+def jeffreys_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     """KL(y_true ‖ q) + KL(q ‖ y_true), q = softmax(logits), `y_true` floored at epsilon.
 
     ```python
@@ -236,7 +238,9 @@ def jeffreys_from_logits(y_true, logits, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def jensen_shannon_from_probabilities(y_true, y_pred, beta=0.5, axis=-1):
+def jensen_shannon_from_probabilities(
+    y_true: Tensor, y_pred: Tensor, beta: float = 0.5, axis: int = -1
+) -> Tensor:
     """(1 - beta) KL(P ‖ M) + beta KL(Q ‖ M), M = beta P + (1 - beta) Q, on probabilities.
 
     `beta` is a Python float in [0, 1]; 0 and 1 are forward and reverse KL exactly,
@@ -279,7 +283,9 @@ def jensen_shannon_from_probabilities(y_true, y_pred, beta=0.5, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def jensen_shannon_from_logits(y_true, logits, beta=0.5, axis=-1):
+def jensen_shannon_from_logits(
+    y_true: Tensor, logits: Tensor, beta: float = 0.5, axis: int = -1
+) -> Tensor:
     """Jensen-Shannon divergence of `y_true` and `softmax(logits)`, M in log space.
 
     `log M = logaddexp(log(beta) + log P, log(1 - beta) + log_softmax(logits))`:
@@ -300,7 +306,7 @@ def jensen_shannon_from_logits(y_true, logits, beta=0.5, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def binary_kl_from_probabilities(y_true, y_pred, axis=-1):
+def binary_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """Sum over `axis` of KL(Bernoulli(y_true) ‖ Bernoulli(y_pred)), both terms.
 
     `y_pred` and `1 - y_pred` are each floored at epsilon with the derivative kept.
@@ -309,7 +315,7 @@ def binary_kl_from_probabilities(y_true, y_pred, axis=-1):
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def binary_kl_from_logits(y_true, logits, axis=-1):
+def binary_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     """Binary KL against `sigmoid(logits)`, through log-sigmoids: nothing is clipped."""
     log_on, log_off = _kernels.log_sigmoids(logits)
     positive = _weighted_terms(y_true, _log_target(y_true) - log_on)
@@ -321,14 +327,21 @@ def binary_kl_from_logits(y_true, logits, axis=-1):
 DISTILLATION_DIVERGENCES = ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
 
 
-def _floor_log(log_x):
+def _floor_log(log_x: Tensor) -> Tensor:
     """`max(log_x, log(epsilon))`, NaN kept; the derivative below the floor is 0."""
     log_epsilon = math.log(keras.config.epsilon())
     keep = ops.logical_or(log_x >= log_epsilon, ops.isnan(log_x))
     return ops.where(keep, log_x, log_epsilon)
 
 
-def distillation_from_logits(teacher_logits, student_logits, temperature, divergence, beta, axis):
+def distillation_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    axis: int,
+) -> Tensor:
     """`temperature**2 * D(softmax(teacher / T) ‖ softmax(student / T))`, both sides in log space.
 
     `divergence` is one of `DISTILLATION_DIVERGENCES`; `temperature` a Python float > 0
@@ -370,7 +383,7 @@ def distillation_from_logits(teacher_logits, student_logits, temperature, diverg
     return nan_gradients_where_nan(temperature**2 * ops.sum(terms, axis=axis))
 
 
-def bernoulli_kl(rho, rho_hat):
+def bernoulli_kl(rho: float, rho_hat: Tensor) -> Tensor:
     """KL(Bernoulli(rho) ‖ Bernoulli(rho_hat)), elementwise, both terms.
 
     ```python
@@ -397,7 +410,7 @@ def bernoulli_kl(rho, rho_hat):
     return rho * ops.log(rho / on) + (1.0 - rho) * ops.log((1.0 - rho) / off)
 
 
-def _expm1_minus_identity(x):
+def _expm1_minus_identity(x: Tensor) -> Tensor:
     """`exp(x) - 1 - x`, accurate to float rounding for every `x`, also near 0.
 
     The direct `expm1(x) - x` cancels for small `|x|` (the result is about
@@ -416,7 +429,9 @@ def _expm1_minus_identity(x):
     return ops.where(small, near * near * series, ops.expm1(far) - far)
 
 
-def gaussian_kl(mean, log_var, prior_mean, prior_log_var):
+def gaussian_kl(
+    mean: Tensor, log_var: Tensor, prior_mean: Tensor | float, prior_log_var: Tensor | float
+) -> Tensor:
     """KL(N(mean, e^log_var) ‖ N(prior_mean, e^prior_log_var)), elementwise.
 
     ```python
@@ -434,7 +449,13 @@ def gaussian_kl(mean, log_var, prior_mean, prior_log_var):
     return 0.5 * (spread + diff * diff * ops.exp(-prior_log_var))
 
 
-def gaussian_kl_divergence(mean, log_var, prior_mean=0.0, prior_log_var=0.0, axis=-1):
+def gaussian_kl_divergence(
+    mean: Tensor,
+    log_var: Tensor,
+    prior_mean: Tensor | float = 0.0,
+    prior_log_var: Tensor | float = 0.0,
+    axis: int = -1,
+) -> Tensor:
     """KL(N(mean, diag e^log_var) ‖ N(prior_mean, diag e^prior_log_var)) summed over `axis`.
 
     The KL term of a variational autoencoder (Kingma & Welling, "Auto-Encoding

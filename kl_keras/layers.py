@@ -8,6 +8,8 @@ the compiled step, identically on TensorFlow, JAX and PyTorch.
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -15,11 +17,14 @@ from keras import ops
 
 from kl_keras import _checks
 from kl_keras._distribute import global_sum_and_count
+from kl_keras._types import Config, Tensor
 from kl_keras.divergence import computation_dtype, gaussian_kl
 from kl_keras.regularizers import sparsity_terms
 
 
-def _check_beta_or_schedule(value):
+def _check_beta_or_schedule(
+    value: Any,
+) -> "float | keras.optimizers.schedules.LearningRateSchedule":
     """`beta` of a layer: a float >= 0, or any Keras `LearningRateSchedule`."""
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return value
@@ -49,11 +54,13 @@ class _StatefulKLLayer(keras.layers.Layer):
     monitor resets and reads them between steps; they are not saved.
     """
 
-    def __init__(self, beta, **kwargs):
+    def __init__(
+        self, beta: float | keras.optimizers.schedules.LearningRateSchedule, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        self.beta = _check_beta_or_schedule(beta)
+        self.beta: Any = _check_beta_or_schedule(beta)
 
-    def _build_schedule_state(self):
+    def _build_schedule_state(self) -> None:
         scheduled = isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule)
         initial = float(ops.convert_to_numpy(self.beta(0))) if scheduled else self.beta
         # "only_first_replica": every replica of a tf.distribute strategy computes the
@@ -76,7 +83,7 @@ class _StatefulKLLayer(keras.layers.Layer):
             name="beta",
         )
 
-    def _build_statistics(self, layout):
+    def _build_statistics(self, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
         """One float32 variable for every statistic; `layout` is ((name, shape), ...).
 
         One variable, not one per statistic, updated by one short sequence of ops:
@@ -96,7 +103,7 @@ class _StatefulKLLayer(keras.layers.Layer):
             name="statistics",
         )
 
-    def _unpack(self, flat, reshape):
+    def _unpack(self, flat: Any, reshape: Callable[[Any, tuple[int, ...]], Any]) -> dict[str, Any]:
         parts, offset = {}, 0
         for name, shape in self._statistics_layout:
             size = math.prod(shape)
@@ -104,15 +111,15 @@ class _StatefulKLLayer(keras.layers.Layer):
             offset += size
         return parts
 
-    def statistics(self):
+    def statistics(self) -> dict[str, Any]:
         """The statistics accumulated since the last reset, as numpy arrays by name."""
         flat = np.asarray(ops.convert_to_numpy(self.statistics_state), "float64")
         return self._unpack(flat, np.reshape)
 
-    def reset_statistics(self):
+    def reset_statistics(self) -> None:
         self.statistics_state.assign(ops.zeros(self.statistics_state.shape, "float32"))
 
-    def _weight(self, training):
+    def _weight(self, training: bool | None) -> Tensor:
         """β for this call, advancing the schedule in training calls."""
         if not isinstance(self.beta, keras.optimizers.schedules.LearningRateSchedule):
             return ops.convert_to_tensor(self.beta, "float32")
@@ -123,12 +130,12 @@ class _StatefulKLLayer(keras.layers.Layer):
         self.step.assign_add(ops.ones((), self.step.dtype))
         return beta
 
-    def save_own_variables(self, store):
+    def save_own_variables(self, store: Any) -> None:
         # The step and β only: the statistics are per epoch, reset by KLMonitor.
         store["0"] = self.step
         store["1"] = self.current_beta
 
-    def load_own_variables(self, store):
+    def load_own_variables(self, store: Any) -> None:
         if len(store.keys()) != 2:
             raise ValueError(
                 f"Layer '{self.name}' expected 2 saved variables (step, beta), "
@@ -137,7 +144,7 @@ class _StatefulKLLayer(keras.layers.Layer):
         self.step.assign(store["0"])
         self.current_beta.assign(store["1"])
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         beta = self.beta
         if isinstance(beta, keras.optimizers.schedules.LearningRateSchedule):
@@ -208,13 +215,20 @@ class VariationalSampling(_StatefulKLLayer):
     0.733994
     """
 
-    def __init__(self, beta=1.0, free_bits=0.0, seed=None, name=None, **kwargs):
+    def __init__(
+        self,
+        beta: float | keras.optimizers.schedules.LearningRateSchedule = 1.0,
+        free_bits: float = 0.0,
+        seed: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(beta=beta, name=name, **kwargs)
         self.free_bits = _checks.check_weight("free_bits", free_bits)
         self.seed = seed  # checked by SeedGenerator: an int or None
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def build(self, input_shape):
+    def build(self, input_shape: Any) -> None:
         shapes = input_shape if isinstance(input_shape, (list, tuple)) else [input_shape]
         if not (len(shapes) in (2, 4) and all(isinstance(s, (list, tuple)) for s in shapes)):
             raise ValueError(
@@ -245,7 +259,7 @@ class VariationalSampling(_StatefulKLLayer):
         )
         self._latent_size = math.prod(latent_shape)
 
-    def _accumulate(self, kl_total, count, mean):
+    def _accumulate(self, kl_total: Tensor, count: Tensor, mean: Tensor) -> None:
         """Adds one (global) batch to the epoch's statistics.
 
         The posterior means are taken as deviations from the running mean m, so a
@@ -268,7 +282,7 @@ class VariationalSampling(_StatefulKLLayer):
         update = [kl_sum + kl_total, running_mean + shift, new_m2, combined]
         self.statistics_state.assign(ops.concatenate(update, axis=0))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
         mean, log_var, *prior = inputs
         dtype = computation_dtype(mean.dtype)
         mean, log_var = ops.cast(mean, dtype), ops.cast(log_var, dtype)
@@ -288,10 +302,10 @@ class VariationalSampling(_StatefulKLLayer):
         noise = keras.random.normal(ops.shape(mean), dtype=dtype, seed=self.seed_generator)
         return ops.cast(mean + ops.exp(0.5 * log_var) * noise, self.compute_dtype)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> Any:
         return tuple(input_shape[0])
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update({"free_bits": self.free_bits, "seed": self.seed})
         return config
@@ -340,12 +354,18 @@ class KLActivityRegularization(_StatefulKLLayer):
     0.0198
     """
 
-    def __init__(self, rho=0.05, beta=0.01, name=None, **kwargs):
+    def __init__(
+        self,
+        rho: float = 0.05,
+        beta: float | keras.optimizers.schedules.LearningRateSchedule = 0.01,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(beta=beta, name=name, **kwargs)
         self.rho = _checks.check_rho(rho)
         self.supports_masking = True
 
-    def build(self, input_shape):
+    def build(self, input_shape: Any) -> None:
         self._build_schedule_state()
         units = input_shape[-1] if len(input_shape) > 1 else None
         if len(input_shape) > 1 and units is None:
@@ -364,13 +384,13 @@ class KLActivityRegularization(_StatefulKLLayer):
             )
         )
 
-    def _accumulate(self, total, count, penalty):
+    def _accumulate(self, total: Tensor, count: Tensor, penalty: Tensor) -> None:
         # Every statistic here is a sum: one increment, in the layout's order.
         scalars = ops.stack([count, penalty, ops.ones_like(count)])
         increment = ops.concatenate([ops.reshape(total, (-1,)), scalars], axis=0)
         self.statistics_state.assign_add(ops.cast(ops.stop_gradient(increment), "float32"))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
         penalty, total, count = sparsity_terms(inputs, self.rho)
         weighted = self._weight(training) * penalty
         self.add_loss(weighted)
@@ -378,10 +398,10 @@ class KLActivityRegularization(_StatefulKLLayer):
             self._accumulate(total, count, weighted)
         return inputs
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update({"rho": self.rho})
         return config

@@ -6,16 +6,31 @@ distribution, and a registered `keras.losses.Loss` that leaves reductions,
 `sample_weight` and masks to Keras.
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import keras
 from keras import ops
 
 from kl_keras import _checks
 from kl_keras import divergence as _math
+from kl_keras._types import Config, Tensor
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 _REGISTER = keras.saving.register_keras_serializable(package="kl_keras")
 
 
-def _divergence(on_probabilities, on_logits, y_true, y_pred, from_logits, axis, **kwargs):
+def _divergence(
+    on_probabilities: Callable[..., Tensor],
+    on_logits: Callable[..., Tensor],
+    y_true: Tensor,
+    y_pred: Tensor,
+    from_logits: bool,
+    axis: int,
+    **kwargs: Any,
+) -> Tensor:
     """Checks and casts the inputs, then computes one divergence of the core."""
     from_logits = _checks.check_bool("from_logits", from_logits)
     axis = _checks.check_axis(axis)
@@ -31,7 +46,9 @@ def _divergence(on_probabilities, on_logits, y_true, y_pred, from_logits, axis, 
 
 
 @_REGISTER
-def kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
+def kl_divergence(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, axis: int = -1
+) -> Tensor:
     """Kullback-Leibler divergence KL(y_true ‖ y_pred) along `axis`.
 
     The direction is the one of `keras.losses.kl_divergence`: `y_true` is the
@@ -98,7 +115,9 @@ kld = kl_divergence
 
 
 @_REGISTER
-def reverse_kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
+def reverse_kl_divergence(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, axis: int = -1
+) -> Tensor:
     """Reverse Kullback-Leibler divergence KL(y_pred ‖ y_true) along `axis`.
 
     The model's Q comes first: mode-seeking, it penalises Q for putting mass
@@ -144,7 +163,9 @@ def reverse_kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
 
 
 @_REGISTER
-def jeffreys_divergence(y_true, y_pred, from_logits=False, axis=-1):
+def jeffreys_divergence(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, axis: int = -1
+) -> Tensor:
     """Jeffreys (symmetric) divergence KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true).
 
     ```python
@@ -188,7 +209,9 @@ def jeffreys_divergence(y_true, y_pred, from_logits=False, axis=-1):
 
 
 @_REGISTER
-def jensen_shannon_divergence(y_true, y_pred, beta=0.5, from_logits=False, axis=-1):
+def jensen_shannon_divergence(
+    y_true: Tensor, y_pred: Tensor, beta: float = 0.5, from_logits: bool = False, axis: int = -1
+) -> Tensor:
     """Generalised Jensen-Shannon divergence with mixture weight `beta`, along `axis`.
 
     ```python
@@ -238,7 +261,9 @@ def jensen_shannon_divergence(y_true, y_pred, beta=0.5, from_logits=False, axis=
 
 
 @_REGISTER
-def binary_kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
+def binary_kl_divergence(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, axis: int = -1
+) -> Tensor:
     """KL divergence of independent binary outputs, summed over `axis`.
 
     For sigmoid units and multi-label soft targets: each entry is the
@@ -285,13 +310,20 @@ def binary_kl_divergence(y_true, y_pred, from_logits=False, axis=-1):
 class _DivergenceLoss(keras.losses.Loss):
     """A `keras.losses.Loss` over one divergence function; subclasses name it."""
 
-    def __init__(self, from_logits, axis, reduction, name, dtype):
+    def __init__(
+        self,
+        from_logits: bool,
+        axis: int,
+        reduction: str | None,
+        name: str | None,
+        dtype: str | keras.DTypePolicy | None,
+    ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = _checks.check_bool("from_logits", from_logits)
         self.axis = _checks.check_axis(axis)
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             {"from_logits": self.from_logits, "axis": self.axis, "dtype": self._dtype_argument}
@@ -299,7 +331,7 @@ class _DivergenceLoss(keras.losses.Loss):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> "Self":
         _checks.check_config(cls, config)
         return cls(**config)
 
@@ -347,15 +379,15 @@ class KLDivergence(_DivergenceLoss):
 
     def __init__(
         self,
-        from_logits=False,
-        axis=-1,
-        reduction="sum_over_batch_size",
-        name="kl_divergence",
-        dtype=None,
-    ):
+        from_logits: bool = False,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = "kl_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return kl_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)
 
 
@@ -379,15 +411,15 @@ class ReverseKLDivergence(_DivergenceLoss):
 
     def __init__(
         self,
-        from_logits=False,
-        axis=-1,
-        reduction="sum_over_batch_size",
-        name="reverse_kl_divergence",
-        dtype=None,
-    ):
+        from_logits: bool = False,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = "reverse_kl_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return reverse_kl_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)
 
 
@@ -411,15 +443,15 @@ class JeffreysDivergence(_DivergenceLoss):
 
     def __init__(
         self,
-        from_logits=False,
-        axis=-1,
-        reduction="sum_over_batch_size",
-        name="jeffreys_divergence",
-        dtype=None,
-    ):
+        from_logits: bool = False,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = "jeffreys_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return jeffreys_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)
 
 
@@ -445,22 +477,22 @@ class JensenShannonDivergence(_DivergenceLoss):
 
     def __init__(
         self,
-        beta=0.5,
-        from_logits=False,
-        axis=-1,
-        reduction="sum_over_batch_size",
-        name="jensen_shannon_divergence",
-        dtype=None,
-    ):
+        beta: float = 0.5,
+        from_logits: bool = False,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = "jensen_shannon_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
         self.beta = _checks.check_beta(beta)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return jensen_shannon_divergence(
             y_true, y_pred, beta=self.beta, from_logits=self.from_logits, axis=self.axis
         )
 
-    def get_config(self):
+    def get_config(self) -> Config:
         config = super().get_config()
         config["beta"] = self.beta
         return config
@@ -486,13 +518,13 @@ class BinaryKLDivergence(_DivergenceLoss):
 
     def __init__(
         self,
-        from_logits=False,
-        axis=-1,
-        reduction="sum_over_batch_size",
-        name="binary_kl_divergence",
-        dtype=None,
-    ):
+        from_logits: bool = False,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = "binary_kl_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return binary_kl_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)

@@ -8,9 +8,24 @@ seen since its last reset, like `keras.metrics.KLDivergence`, and takes the
 arguments of its loss minus `reduction`.
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import keras
 
 from kl_keras import _checks, losses
+from kl_keras._types import Config, Tensor
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
+
+__all__ = [
+    "BinaryKLDivergence",
+    "JeffreysDivergence",
+    "JensenShannonDivergence",
+    "KLDivergence",
+    "ReverseKLDivergence",
+]
 
 _REGISTER = keras.saving.register_keras_serializable(package="kl_keras.metrics")
 
@@ -18,7 +33,15 @@ _REGISTER = keras.saving.register_keras_serializable(package="kl_keras.metrics")
 class _DivergenceMetric(keras.metrics.MeanMetricWrapper):
     """A running mean of one kl_keras divergence function."""
 
-    def __init__(self, fn, name, dtype, from_logits, axis, **kwargs):
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        name: str | None,
+        dtype: str | keras.DTypePolicy | None,
+        from_logits: bool,
+        axis: int,
+        **kwargs: Any,
+    ) -> None:
         from_logits = _checks.check_bool("from_logits", from_logits)
         axis = _checks.check_axis(axis)
         super().__init__(
@@ -28,7 +51,7 @@ class _DivergenceMetric(keras.metrics.MeanMetricWrapper):
         self.axis = axis
         self._direction = "down"
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "name": self.name,
             "dtype": self.dtype,
@@ -37,7 +60,7 @@ class _DivergenceMetric(keras.metrics.MeanMetricWrapper):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> "Self":
         _checks.check_config(cls, config)
         return cls(**config)
 
@@ -61,7 +84,13 @@ class KLDivergence(_DivergenceMetric):
     0.5108
     """
 
-    def __init__(self, from_logits=False, axis=-1, name="kl_divergence", dtype=None):
+    def __init__(
+        self,
+        from_logits: bool = False,
+        axis: int = -1,
+        name: str | None = "kl_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(losses.kl_divergence, name, dtype, from_logits, axis)
 
 
@@ -76,7 +105,13 @@ class ReverseKLDivergence(_DivergenceMetric):
         dtype: dtype of the metric's result.
     """
 
-    def __init__(self, from_logits=False, axis=-1, name="reverse_kl_divergence", dtype=None):
+    def __init__(
+        self,
+        from_logits: bool = False,
+        axis: int = -1,
+        name: str | None = "reverse_kl_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(losses.reverse_kl_divergence, name, dtype, from_logits, axis)
 
 
@@ -91,7 +126,13 @@ class JeffreysDivergence(_DivergenceMetric):
         dtype: dtype of the metric's result.
     """
 
-    def __init__(self, from_logits=False, axis=-1, name="jeffreys_divergence", dtype=None):
+    def __init__(
+        self,
+        from_logits: bool = False,
+        axis: int = -1,
+        name: str | None = "jeffreys_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(losses.jeffreys_divergence, name, dtype, from_logits, axis)
 
 
@@ -108,15 +149,20 @@ class JensenShannonDivergence(_DivergenceMetric):
     """
 
     def __init__(
-        self, beta=0.5, from_logits=False, axis=-1, name="jensen_shannon_divergence", dtype=None
-    ):
+        self,
+        beta: float = 0.5,
+        from_logits: bool = False,
+        axis: int = -1,
+        name: str | None = "jensen_shannon_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         beta = _checks.check_beta(beta)
         super().__init__(
             losses.jensen_shannon_divergence, name, dtype, from_logits, axis, beta=beta
         )
         self.beta = beta
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {**super().get_config(), "beta": self.beta}
 
 
@@ -131,5 +177,11 @@ class BinaryKLDivergence(_DivergenceMetric):
         dtype: dtype of the metric's result.
     """
 
-    def __init__(self, from_logits=False, axis=-1, name="binary_kl_divergence", dtype=None):
+    def __init__(
+        self,
+        from_logits: bool = False,
+        axis: int = -1,
+        name: str | None = "binary_kl_divergence",
+        dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         super().__init__(losses.binary_kl_divergence, name, dtype, from_logits, axis)

@@ -5,10 +5,11 @@ from keras import ops
 
 from kl_keras import _checks
 from kl_keras._distribute import global_sum_and_count
+from kl_keras._types import Config, Tensor
 from kl_keras.divergence import bernoulli_kl, computation_dtype
 
 
-def _keras_divides_activity_penalty_by_batch_size():
+def _keras_divides_activity_penalty_by_batch_size() -> Tensor:
     """Keras 3.14 started dividing every activity penalty by the batch size.
 
     See keras-team/keras#22018: from 3.14 on, `Layer.__call__` adds
@@ -22,7 +23,7 @@ def _keras_divides_activity_penalty_by_batch_size():
 KERAS_DIVIDES_BY_BATCH_SIZE = _keras_divides_activity_penalty_by_batch_size()
 
 
-def sparsity_terms(x, rho):
+def sparsity_terms(x: Tensor, rho: float) -> tuple[Tensor, Tensor, Tensor]:
     """Σ_j KL(ρ ‖ ρ̂_j) for activations `x` of shape `(batch, ..., units)`, unweighted.
 
     ρ̂_j is the mean over every axis but the last, over the global batch under
@@ -93,11 +94,11 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
     0.0198
     """
 
-    def __init__(self, rho=0.05, beta=0.01):
+    def __init__(self, rho: float = 0.05, beta: float = 0.01) -> None:
         self.rho = _checks.check_rho(rho)
         self.beta = _checks.check_weight("beta", beta)
 
-    def penalty(self, x):
+    def penalty(self, x: Tensor) -> Tensor:
         """β·Σ_j KL(ρ ‖ ρ̂_j) for activations `x` of shape `(batch, ..., units)`.
 
         Returns a scalar tensor, float32 for float16/bfloat16 activations; 0 for
@@ -105,17 +106,17 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
         """
         return self.beta * sparsity_terms(x, self.rho)[0]
 
-    def __call__(self, x):
+    def __call__(self, x: Tensor) -> Tensor:
         """The value Keras expects from an activity regularizer; see the class doc."""
         penalty = self.penalty(x)
         if KERAS_DIVIDES_BY_BATCH_SIZE:
             penalty = penalty * ops.cast(ops.shape(x)[0], penalty.dtype)
         return penalty
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {"rho": self.rho, "beta": self.beta}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> "KLActivityRegularizer":
         _checks.check_config(cls, config)
         return cls(**config)

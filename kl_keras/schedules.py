@@ -8,10 +8,18 @@ training step from a step counter it owns, which is what makes the schedule
 reach the step on JAX as on TensorFlow and PyTorch.
 """
 
+from typing import TYPE_CHECKING
+
 import keras
 from keras import ops
 
 from kl_keras import _checks
+from kl_keras._types import Config, Tensor
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
+
+__all__ = ["CyclicalAnnealing", "LinearWarmup"]
 
 _REGISTER = keras.saving.register_keras_serializable(package="kl_keras")
 
@@ -42,21 +50,21 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     """
 
-    def __init__(self, warmup_steps, start=0.0, stop=1.0):
+    def __init__(self, warmup_steps: int, start: float = 0.0, stop: float = 1.0) -> None:
         self.warmup_steps = _checks.check_positive_int("warmup_steps", warmup_steps)
         self.start = _checks.check_weight("start", start)
         self.stop = _checks.check_weight("stop", stop)
 
-    def __call__(self, step):
+    def __call__(self, step: Tensor) -> Tensor:
         step = ops.cast(step, "float32")
         progress = ops.minimum(step / self.warmup_steps, 1.0)
         return self.start + (self.stop - self.start) * progress
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {"warmup_steps": self.warmup_steps, "start": self.start, "stop": self.stop}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> "Self":
         _checks.check_config(cls, config)
         return cls(**config)
 
@@ -91,7 +99,9 @@ class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
     [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0]
     """
 
-    def __init__(self, cycle_steps, ratio=0.5, start=0.0, stop=1.0):
+    def __init__(
+        self, cycle_steps: int, ratio: float = 0.5, start: float = 0.0, stop: float = 1.0
+    ) -> None:
         self.cycle_steps = _checks.check_positive_int("cycle_steps", cycle_steps)
         self.ratio = _checks.check_real(
             "ratio", ratio, "a float in (0, 1]", lambda v: 0.0 < v <= 1.0
@@ -99,14 +109,14 @@ class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
         self.start = _checks.check_weight("start", start)
         self.stop = _checks.check_weight("stop", stop)
 
-    def __call__(self, step):
+    def __call__(self, step: Tensor) -> Tensor:
         # The remainder is taken before the cast, so integer steps stay exact.
         step = ops.convert_to_tensor(step)
         tau = ops.cast(ops.mod(step, self.cycle_steps), "float32") / self.cycle_steps
         progress = ops.minimum(tau / self.ratio, 1.0)
         return self.start + (self.stop - self.start) * progress
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "cycle_steps": self.cycle_steps,
             "ratio": self.ratio,
@@ -115,6 +125,6 @@ class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Config) -> "Self":
         _checks.check_config(cls, config)
         return cls(**config)
