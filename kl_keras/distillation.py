@@ -97,14 +97,13 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
         dtype: dtype of the loss's computations, as in Keras losses.
             float16 and bfloat16 are computed in float32 internally.
 
-    Example:
-
-    >>> import numpy as np
-    >>> teacher = np.array([[2.0, 1.0, -1.0]])
-    >>> student = np.array([[0.5, 0.0, 0.2]])
-    >>> loss = LogitsDistillation(temperature=2.0)
-    >>> round(float(loss(teacher, student)), 5)
-    0.47581
+    Examples:
+        >>> import numpy as np
+        >>> teacher = np.array([[2.0, 1.0, -1.0]])
+        >>> student = np.array([[0.5, 0.0, 0.2]])
+        >>> loss = LogitsDistillation(temperature=2.0)
+        >>> round(float(loss(teacher, student)), 5)
+        0.47581
     """
 
     def __init__(

@@ -491,13 +491,12 @@ def gaussian_kl_divergence(
     Returns:
         The divergence per sample: `mean`'s shape without `axis`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> mean = np.array([[0.5, -1.0]], dtype="float32")
-    >>> log_var = np.array([[0.2, -0.7]], dtype="float32")
-    >>> round(float(gaussian_kl_divergence(mean, log_var)[0]), 6)
-    0.733994
+    Examples:
+        >>> import numpy as np
+        >>> mean = np.array([[0.5, -1.0]], dtype="float32")
+        >>> log_var = np.array([[0.2, -0.7]], dtype="float32")
+        >>> round(float(gaussian_kl_divergence(mean, log_var)[0]), 6)
+        0.733994
     """
     axis = _checks.check_axis(axis)
     mean = ops.convert_to_tensor(mean)

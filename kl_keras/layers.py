@@ -202,17 +202,16 @@ class VariationalSampling(_StatefulKLLayer):
         name: the layer's name.
         **kwargs: other `keras.layers.Layer` arguments (`dtype`, ...).
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = VariationalSampling(beta=1.0)
-    >>> mean = np.array([[0.5, -1.0]], dtype="float32")
-    >>> log_var = np.array([[0.2, -0.7]], dtype="float32")
-    >>> z = layer([mean, log_var], training=True)
-    >>> tuple(z.shape)
-    (1, 2)
-    >>> round(float(layer.losses[0]), 6)  # β times gaussian_kl_divergence
-    0.733994
+    Examples:
+        >>> import numpy as np
+        >>> layer = VariationalSampling(beta=1.0)
+        >>> mean = np.array([[0.5, -1.0]], dtype="float32")
+        >>> log_var = np.array([[0.2, -0.7]], dtype="float32")
+        >>> z = layer([mean, log_var], training=True)
+        >>> tuple(z.shape)
+        (1, 2)
+        >>> round(float(layer.losses[0]), 6)  # β times gaussian_kl_divergence
+        0.733994
     """
 
     def __init__(
@@ -344,14 +343,13 @@ class KLActivityRegularization(_StatefulKLLayer):
         name: the layer's name.
         **kwargs: other `keras.layers.Layer` arguments (`dtype`, ...).
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = KLActivityRegularization(rho=0.05, beta=0.01)
-    >>> activations = np.full((8, 4), 0.5, dtype="float32")  # 4 units, mean 0.5
-    >>> outputs = layer(activations)
-    >>> round(float(layer.losses[0]), 4)  # 0.01 * 4 * KL(0.05 ‖ 0.5)
-    0.0198
+    Examples:
+        >>> import numpy as np
+        >>> layer = KLActivityRegularization(rho=0.05, beta=0.01)
+        >>> activations = np.full((8, 4), 0.5, dtype="float32")  # 4 units, mean 0.5
+        >>> outputs = layer(activations)
+        >>> round(float(layer.losses[0]), 4)  # 0.01 * 4 * KL(0.05 ‖ 0.5)
+        0.0198
     """
 
     def __init__(

@@ -95,16 +95,15 @@ def kl_divergence(
         The divergence for each distribution: the broadcast shape of the
         inputs with `axis` removed, e.g. `(batch,)` for `(batch, classes)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> y_true = np.array([[0.0, 1.0], [0.5, 0.5]])
-    >>> y_pred = np.array([[0.4, 0.6], [0.5, 0.5]])
-    >>> loss = kl_divergence(y_true, y_pred)
-    >>> tuple(loss.shape)
-    (2,)
-    >>> [round(float(v), 4) for v in loss]
-    [0.5108, 0.0]
+    Examples:
+        >>> import numpy as np
+        >>> y_true = np.array([[0.0, 1.0], [0.5, 0.5]])
+        >>> y_pred = np.array([[0.4, 0.6], [0.5, 0.5]])
+        >>> loss = kl_divergence(y_true, y_pred)
+        >>> tuple(loss.shape)
+        (2,)
+        >>> [round(float(v), 4) for v in loss]
+        [0.5108, 0.0]
     """
     return _divergence(
         _math.kl_from_probabilities, _math.kl_from_logits, y_true, y_pred, from_logits, axis
@@ -144,13 +143,12 @@ def reverse_kl_divergence(
     Returns:
         One divergence per distribution, with `axis` removed.
 
-    Example:
-
-    >>> import numpy as np
-    >>> p = np.array([0.7, 0.2, 0.1])
-    >>> q = np.array([0.2, 0.5, 0.3])
-    >>> round(float(reverse_kl_divergence(p, q)), 5)
-    0.53718
+    Examples:
+        >>> import numpy as np
+        >>> p = np.array([0.7, 0.2, 0.1])
+        >>> q = np.array([0.2, 0.5, 0.3])
+        >>> round(float(reverse_kl_divergence(p, q)), 5)
+        0.53718
     """
     return _divergence(
         _math.reverse_kl_from_probabilities,
@@ -190,13 +188,12 @@ def jeffreys_divergence(
     Returns:
         One divergence per distribution, with `axis` removed.
 
-    Example:
-
-    >>> import numpy as np
-    >>> p = np.array([0.7, 0.2, 0.1])
-    >>> q = np.array([0.2, 0.5, 0.3])
-    >>> round(float(jeffreys_divergence(p, q)), 6)
-    1.120991
+    Examples:
+        >>> import numpy as np
+        >>> p = np.array([0.7, 0.2, 0.1])
+        >>> q = np.array([0.2, 0.5, 0.3])
+        >>> round(float(jeffreys_divergence(p, q)), 6)
+        1.120991
     """
     return _divergence(
         _math.jeffreys_from_probabilities,
@@ -239,15 +236,14 @@ def jensen_shannon_divergence(
     Returns:
         One divergence per distribution, with `axis` removed.
 
-    Example:
-
-    >>> import numpy as np
-    >>> p = np.array([0.7, 0.2, 0.1])
-    >>> q = np.array([0.2, 0.5, 0.3])
-    >>> round(float(jensen_shannon_divergence(p, q)), 6)
-    0.132918
-    >>> round(float(jensen_shannon_divergence(p, q, beta=0.25)), 6)
-    0.230735
+    Examples:
+        >>> import numpy as np
+        >>> p = np.array([0.7, 0.2, 0.1])
+        >>> q = np.array([0.2, 0.5, 0.3])
+        >>> round(float(jensen_shannon_divergence(p, q)), 6)
+        0.132918
+        >>> round(float(jensen_shannon_divergence(p, q, beta=0.25)), 6)
+        0.230735
     """
     return _divergence(
         _math.jensen_shannon_from_probabilities,
@@ -291,11 +287,10 @@ def binary_kl_divergence(
     Returns:
         One value per sample, with `axis` removed.
 
-    Example:
-
-    >>> import numpy as np
-    >>> round(float(binary_kl_divergence(np.array([0.7, 0.2]), np.array([0.4, 0.5]))), 6)
-    0.376532
+    Examples:
+        >>> import numpy as np
+        >>> round(float(binary_kl_divergence(np.array([0.7, 0.2]), np.array([0.4, 0.5]))), 6)
+        0.376532
     """
     return _divergence(
         _math.binary_kl_from_probabilities,
@@ -367,14 +362,13 @@ class KLDivergence(_DivergenceLoss):
             means `keras.config.floatx()`. float16 and bfloat16 are computed
             in float32 internally.
 
-    Example:
-
-    >>> import numpy as np
-    >>> loss = KLDivergence(from_logits=True)
-    >>> y_true = np.array([[1.0, 0.0, 0.0]])
-    >>> logits = np.array([[-20.0, 20.0, 0.0]])
-    >>> round(float(loss(y_true, logits)), 3)
-    40.0
+    Examples:
+        >>> import numpy as np
+        >>> loss = KLDivergence(from_logits=True)
+        >>> y_true = np.array([[1.0, 0.0, 0.0]])
+        >>> logits = np.array([[-20.0, 20.0, 0.0]])
+        >>> round(float(loss(y_true, logits)), 3)
+        40.0
     """
 
     def __init__(

@@ -75,13 +75,12 @@ class KLDivergence(_DivergenceMetric):
         name: name of the metric instance.
         dtype: dtype of the metric's result.
 
-    Example:
-
-    >>> import numpy as np
-    >>> metric = KLDivergence()
-    >>> metric.update_state(np.array([[0.0, 1.0]]), np.array([[0.4, 0.6]]))
-    >>> round(float(metric.result()), 4)
-    0.5108
+    Examples:
+        >>> import numpy as np
+        >>> metric = KLDivergence()
+        >>> metric.update_state(np.array([[0.0, 1.0]]), np.array([[0.4, 0.6]]))
+        >>> round(float(metric.result()), 4)
+        0.5108
     """
 
     def __init__(

@@ -85,13 +85,12 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
         rho: target mean activation ρ, a float strictly between 0 and 1.
         beta: weight β of the penalty, a float >= 0.
 
-    Example:
-
-    >>> import numpy as np
-    >>> reg = KLActivityRegularizer(rho=0.05, beta=0.01)
-    >>> activations = np.full((8, 4), 0.5, dtype="float32")  # 4 units, mean 0.5
-    >>> round(float(reg.penalty(activations)), 4)  # 0.01 * 4 * KL(0.05 ‖ 0.5)
-    0.0198
+    Examples:
+        >>> import numpy as np
+        >>> reg = KLActivityRegularizer(rho=0.05, beta=0.01)
+        >>> activations = np.full((8, 4), 0.5, dtype="float32")  # 4 units, mean 0.5
+        >>> round(float(reg.penalty(activations)), 4)  # 0.01 * 4 * KL(0.05 ‖ 0.5)
+        0.0198
     """
 
     def __init__(self, rho: float = 0.05, beta: float = 0.01) -> None:

@@ -43,11 +43,10 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         start: β at step 0, a float >= 0.
         stop: β from step `warmup_steps` on, a float >= 0.
 
-    Example:
-
-    >>> schedule = LinearWarmup(warmup_steps=4)
-    >>> [round(float(schedule(step)), 2) for step in range(6)]
-    [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    Examples:
+        >>> schedule = LinearWarmup(warmup_steps=4)
+        >>> [round(float(schedule(step)), 2) for step in range(6)]
+        [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     """
 
     def __init__(self, warmup_steps: int, start: float = 0.0, stop: float = 1.0) -> None:
@@ -92,11 +91,10 @@ class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
         start: β at the start of a cycle, a float >= 0.
         stop: β at the end of the rise, a float >= 0.
 
-    Example:
-
-    >>> schedule = CyclicalAnnealing(cycle_steps=4, ratio=0.5)
-    >>> [round(float(schedule(step)), 2) for step in range(8)]
-    [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0]
+    Examples:
+        >>> schedule = CyclicalAnnealing(cycle_steps=4, ratio=0.5)
+        >>> [round(float(schedule(step)), 2) for step in range(8)]
+        [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0]
     """
 
     def __init__(

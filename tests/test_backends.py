@@ -126,6 +126,7 @@ OTHER_BACKENDS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", OTHER_BACKENDS)
 def test_keras_file_loads_and_predicts_the_same_on_another_backend(tmp_path, other):
     model = build(from_logits=True)

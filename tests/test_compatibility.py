@@ -225,6 +225,7 @@ print(json.dumps(np.asarray(layer(x)).tolist()))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND == "torch", reason="model.export() here is TF SavedModel: TF and JAX")
 def test_exported_model_reloads_without_kl_keras(tmp_path):
     inputs = keras.Input((5,))

@@ -290,6 +290,7 @@ LOAD_DISTILLER = """
 """
 
 
+@pytest.mark.slow
 def test_distiller_and_compiled_student_load_in_a_fresh_process(tmp_path):
     x, y = digits()
     teacher, student = models()

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import BACKEND, run_in_fresh_process
 
+pytestmark = pytest.mark.slow  # end to end; the minimum-Keras CI run skips it
+
 # Shared by both engines: a student distilled from a teacher's soft labels, with a
 # sparsity penalty on its hidden layer. `train(initial_weights)` returns per-epoch
 # losses and final weights; `gap` measures what a per-replica mean would cost.

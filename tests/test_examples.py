@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end; the minimum-Keras CI run skips it
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -402,6 +402,7 @@ def this_and_next_backend():
     return [BACKEND] + [b for b in after if b in installed][:1]
 
 
+@pytest.mark.slow
 def test_saved_vae_resumes_its_schedule_in_a_fresh_process_across_backends(tmp_path):
     import json
 

@@ -8,6 +8,8 @@ from sklearn.datasets import load_digits
 
 import kl_keras
 
+pytestmark = pytest.mark.slow  # end to end; the minimum-Keras CI run skips it
+
 STEPS_PER_EPOCH, EPOCHS, BATCH = 100, 20, 16  # 2,000 steps
 
 
