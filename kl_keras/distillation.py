@@ -22,7 +22,8 @@ def _check_temperature(value: Any) -> float:
             f"Invalid type for argument `temperature`. Expected {expected}. "
             f"Received: temperature={value!r} of type {type(value).__name__}"
         )
-    if not (math.isfinite(float(value)) and float(value) > 0):
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(
             f"Invalid value for argument `temperature`. Expected {expected}. "
             f"Received: temperature={value!r}"
