@@ -49,6 +49,26 @@ def _sparsity_logs(layer: KLActivityRegularization, dead_threshold: float) -> di
     }
 
 
+def _regularizer_logs(
+    layer: keras.layers.Layer, activations: np.ndarray, dead_threshold: float
+) -> dict[str, float]:
+    """The sparsity keys of one regularized layer, from its activations over given data."""
+    regularizer = layer.activity_regularizer
+    x = np.asarray(activations, "float64")
+    rho_hat = np.atleast_1d(x.reshape(-1, x.shape[-1]).mean(axis=0) if x.ndim > 1 else x.mean())
+    epsilon = keras.config.epsilon()
+    clipped = np.clip(rho_hat, epsilon, 1.0 - epsilon)
+    rho = regularizer.rho
+    kl = rho * np.log(rho / clipped) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - clipped))
+    return {
+        "rho_hat": float(rho_hat.mean()),
+        "rho_hat_min": float(rho_hat.min()),
+        "rho_hat_max": float(rho_hat.max()),
+        "dead_units": float(np.mean(rho_hat < dead_threshold)),
+        "penalty": float(regularizer.beta * kl.sum()),
+    }
+
+
 def _latent_logs(layer: VariationalSampling, active_threshold: float) -> dict[str, float]:
     state = layer.statistics()
     count = state["sample_count"]
@@ -86,11 +106,20 @@ class KLMonitor(keras.callbacks.Callback):
       the posterior mean); `z_beta`.
 
     The same keys with a `val_` prefix (β excepted) describe the validation
-    data, when `fit` has some. A `KLActivityRegularizer` holds no state (a
-    regularizer's variables do not reach JAX's compiled step), so for the
-    layers that carry one the monitor reports `<layer>_beta` only and warns
-    once: use a `KLActivityRegularization` layer after the activation to see
-    ρ̂.
+    data, when `fit` has some.
+
+    A layer that carries a `KLActivityRegularizer` (`Dense(...,
+    activity_regularizer=...)`) holds no state of its own (a regularizer's
+    variables do not reach JAX's compiled step, and a built layer's saved
+    variables must not change), so its statistics cannot accumulate inside
+    the step. Give the monitor `data` (inputs of the model, as `predict` takes
+    them, for example a held-out batch) and at the end of each epoch it runs
+    the model up to those layers over it and adds the same sparsity keys,
+    computed over `data` with the epoch's final weights: ρ̂_j over all of
+    `data`, and `<layer>_penalty` = β·Σ_j KL(ρ ‖ ρ̂_j) for that ρ̂ (one
+    penalty over the whole data, not a mean of per-batch penalties). This
+    needs a functional or Sequential model. Without `data` it logs
+    `<layer>_beta` only and warns once.
 
     The statistics accumulate in the layers' non-trainable variables, updated
     inside the compiled training and evaluation steps on TensorFlow, JAX and
@@ -102,10 +131,22 @@ class KLMonitor(keras.callbacks.Callback):
             a float in [0, 1).
         active_threshold: a latent dimension whose posterior mean varies more
             than this across the samples is active, a float >= 0.
+        data: inputs of the model over which the layers that carry a
+            `KLActivityRegularizer` are read at the end of each epoch, or None.
+        batch_size: the batch size of that read (`predict`'s), an int >= 1.
     """
 
-    def __init__(self, dead_threshold: float = 1e-3, active_threshold: float = 0.01) -> None:
+    def __init__(
+        self,
+        dead_threshold: float = 1e-3,
+        active_threshold: float = 0.01,
+        data: Any = None,
+        batch_size: int = 32,
+    ) -> None:
         super().__init__()
+        self.data = data
+        self.batch_size = _checks.check_positive_int("batch_size", batch_size)
+        self._features: keras.Model | None = None
         self.dead_threshold = _checks.check_real(
             "dead_threshold", dead_threshold, "a float in [0, 1)", lambda v: 0.0 <= v < 1.0
         )
@@ -147,15 +188,40 @@ class KLMonitor(keras.callbacks.Callback):
             logs[f"{layer.name}_beta"] = layer.activity_regularizer.beta
         return logs
 
+    def _regularizer_logs(self) -> dict[str, float]:
+        """The sparsity keys of the regularized layers, read over `data`."""
+        layers = _regularized(self.model)
+        if self.data is None or not layers:
+            return {}
+        if self._features is None:
+            outputs = [layer.output for layer in layers]
+            self._features = keras.Model(self.model.inputs, outputs)
+        activations = self._features.predict(self.data, batch_size=self.batch_size, verbose=0)
+        if len(layers) == 1:
+            activations = [activations]
+        logs = {}
+        for layer, values in zip(layers, activations, strict=True):
+            for key, value in _regularizer_logs(layer, values, self.dead_threshold).items():
+                logs[f"{layer.name}_{key}"] = value
+        return logs
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._fitting = True
+        self._features = None  # the model may have changed since the last fit
         stateless = [layer.name for layer in _regularized(self.model)]
-        if stateless:
+        if stateless and self.data is None:
             warnings.warn(
                 f"KLMonitor: the layers {stateless} carry a KLActivityRegularizer, which "
                 "holds no state; only their beta is logged. To see rho_hat and dead units, "
-                "put a kl_keras.KLActivityRegularization layer after the activation instead.",
+                "pass data=... (inputs to read them over at each epoch end) to KLMonitor, "
+                "or put a kl_keras.KLActivityRegularization layer after the activation.",
                 stacklevel=2,
+            )
+        elif stateless and not getattr(self.model, "inputs", None):
+            raise ValueError(
+                f"KLMonitor(data=...) reads the layers {stateless} through a feature model, "
+                "which needs a functional or Sequential model (one with `model.inputs`). "
+                f"Received: a model of type {type(self.model).__name__}"
             )
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -180,6 +246,7 @@ class KLMonitor(keras.callbacks.Callback):
             return
         training = self._training_logs if self._training_logs is not None else self._read()
         logs.update(training)
+        logs.update(self._regularizer_logs())
         logs.update(self._betas())
         if self._validation_logs:
             logs.update({f"val_{key}": value for key, value in self._validation_logs.items()})

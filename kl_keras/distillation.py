@@ -64,8 +64,11 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
     `"reverse_kl"` (KL(Q ‖ P)), `"jeffreys"` (their sum) or `"jensen_shannon"`
     ((1 − β)·KL(P ‖ M) + β·KL(Q ‖ M), M = β·P + (1 − β)·Q, continuous in β as
     in `kl_keras.jensen_shannon_divergence`). Both sides stay in log space:
-    nothing is clipped and no probability is formed where a log is needed, so
-    the value is exact at any vocabulary size.
+    nothing is clipped and no probability is formed where a log is needed, and
+    the two sets of logits meet in their centred difference, so the value is
+    exact at any vocabulary size, also where the two distributions are close
+    (a converged student: relative error below 2e-6 in float32 at KL of 1e-9,
+    and unchanged by a constant added to either row; see the numerics guide).
 
     The T² factor keeps the gradient's scale independent of T: for `"kl"` the
     gradient with respect to the student's logits is
@@ -80,9 +83,10 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
     Teacher logits of `-inf` (masked vocabulary entries) give finite values and
     gradients: the exact ones for `"kl"` and `"jensen_shannon"`; for
     `"reverse_kl"` and `"jeffreys"`, whose true value is infinite wherever the
-    student puts mass on a masked entry, the teacher's log-probability is
-    floored at `log(keras.config.epsilon())` (the floor of
-    `kl_keras.reverse_kl_divergence`, in log space). A NaN logit makes its
+    student puts mass on a masked entry, the teacher's log-probability of a
+    masked entry is taken as `log(keras.config.epsilon())` (the floor of
+    `kl_keras.reverse_kl_divergence`, in log space); every finite teacher logit
+    keeps its own log-probability, however small. A NaN logit makes its
     distribution's value and gradients NaN.
 
     Args:

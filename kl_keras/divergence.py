@@ -23,13 +23,20 @@ Numerical conventions, shared by every function in this module:
   both arguments; other distributions are untouched (see
   `nan_gradients_where_nan`).
 - float16 and bfloat16 inputs are computed in float32.
+- From logits, every divergence is computed over one exact log ratio (`log_ratio`): the
+  two rows meet in their centred difference, so nothing rounded in common between them
+  (the log-sum-exp of each row) enters, and each divergence is a sum of non-negative
+  terms. Close distributions (KL of 1e-8 and below) keep their digits, and a constant
+  added to either row changes nothing.
+- On probabilities, the log of a ratio of two close probabilities is `log1p((p - q) / q)`,
+  with `p - q` exact, rather than the log of the rounded ratio.
 
 Reference: S. Kullback and R. A. Leibler, "On Information and Sufficiency",
 Annals of Mathematical Statistics 22(1), 1951.
 """
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -120,15 +127,26 @@ def _positive_or_nan(x: Tensor) -> Tensor:
     return ops.where(x > 0, x, ops.cast(ops.where(x == 0, 1.0, float("nan")), x.dtype))
 
 
-def _kl_terms(p: Tensor, q: Tensor) -> Tensor:
+def _kl_terms(
+    p: Tensor, q: Tensor, floored: Tensor | None = None, difference: Tensor | None = None
+) -> Tensor:
     """The terms `p * log(p / max(q, epsilon))` of KL(p ‖ q) on probabilities, elementwise.
 
-    The log of the ratio is taken in one `log`, which is more precise than a
-    difference of logs when the two distributions are close; `q` is floored with
-    its derivative kept (see `floor_probabilities`).
+    `q` is floored with its derivative kept (see `floor_probabilities`). Where p and q are
+    within a factor 1.5 of each other the log of the ratio is `log1p((p - q) / q)`: `p - q`
+    is exact there, so the log keeps its digits where the two are close (the log of a
+    rounded ratio has an error of one ulp of 1, that of the ratio itself). Elsewhere the
+    log of the ratio is taken in one `log`. A caller with a more exact `p - max(q,
+    epsilon)` than the subtraction (the complements of binary KL) passes it, with the floor.
     """
+    if floored is None:
+        floored = floor_probabilities(q)
+    if difference is None:
+        difference = p - floored
+    near = ops.abs(difference) < _SERIES_BELOW * floored
+    close = ops.log1p(ops.where(near, difference / ops.where(near, floored, 1.0), 0.0))
     safe_p = ops.where(p == 0, 1.0, p)
-    return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
+    return _weighted_terms(p, ops.where(near, close, ops.log(safe_p / floored)))
 
 
 def kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
@@ -152,54 +170,9 @@ def kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Ten
     return nan_gradients_where_nan(ops.sum(_kl_terms(y_true, y_pred), axis=axis))
 
 
-def kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_true ‖ softmax(logits)) computed through log-softmax.
-
-    ```python
-    loss = sum(y_true * (log(y_true) - log_softmax(logits, axis)), axis=axis)
-    ```
-
-    Nothing is clipped: the value is finite for every finite logit, and a
-    logit of `-inf` is allowed wherever `y_true` is 0 (a masked class). The
-    gradient with respect to the logits is `softmax(logits) * sum(y_true) -
-    y_true`.
-
-    Args:
-        y_true: target probabilities, floating point, broadcastable with `logits`.
-        logits: unnormalised log-probabilities.
-        axis: the axis that holds the distributions.
-
-    Returns:
-        The divergences, with `axis` removed.
-    """
-    if _kernels.op_by_op():
-        # Fewest full-size temporaries where each op is a kernel: the target's entropy
-        # and the cross term are two sums, with no log ratio formed between them.
-        zero = y_true == 0
-        entropy = ops.sum(y_true * ops.log(ops.where(zero, 1.0, y_true)), axis=axis)
-        log_pred = _kernels.log_softmax(logits, axis)
-        cross = ops.sum(y_true * ops.where(zero, 0.0, log_pred), axis=axis)
-        return nan_gradients_where_nan(entropy - cross)
-    log_ratio = _log_target(y_true) - _kernels.log_softmax(logits, axis)
-    return nan_gradients_where_nan(ops.sum(_weighted_terms(y_true, log_ratio), axis=axis))
-
-
 def reverse_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """KL(y_pred ‖ y_true): `sum(y_pred * log(y_pred / max(y_true, epsilon)))`."""
     return kl_from_probabilities(y_pred, y_true, axis=axis)
-
-
-def reverse_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """KL(softmax(logits) ‖ y_true), with `y_true` floored at epsilon inside the log.
-
-    ```python
-    q = softmax(logits)
-    loss = sum(q * (log_softmax(logits) - log(max(y_true, epsilon))), axis=axis)
-    ```
-    """
-    log_pred = _kernels.log_softmax(logits, axis)
-    log_ratio = log_pred - ops.log(floor_probabilities(y_true))
-    return nan_gradients_where_nan(ops.sum(_weighted_terms(ops.exp(log_pred), log_ratio), axis))
 
 
 def _log_floor(x: Tensor) -> Tensor:
@@ -214,27 +187,17 @@ def jeffreys_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) 
     loss = sum((y_true - y_pred) * (log(max(y_true, epsilon)) - log(max(y_pred, epsilon))))
     ```
 
-    Symmetric in its arguments. Where both are at least epsilon it is forward plus reverse
-    KL exactly; an entry below epsilon differs from that sum by at most epsilon / e.
+    Symmetric in its arguments, and every term is >= 0. Where the two are close the log
+    ratio is `log1p((p - q) / q)`, exact with the difference. Where both are at least
+    epsilon it is forward plus reverse KL exactly; an entry below epsilon differs from that
+    sum by at most epsilon / e.
     """
-    terms = (y_true - y_pred) * (_log_floor(y_true) - _log_floor(y_pred))
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
-
-
-def jeffreys_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_true ‖ q) + KL(q ‖ y_true), q = softmax(logits), `y_true` floored at epsilon.
-
-    ```python
-    loss = sum((y_true - q) * (log(max(y_true, epsilon)) - log_softmax(logits)), axis=axis)
-    ```
-
-    A logit of `-inf` (q = 0) is allowed wherever `y_true` is 0.
-    """
-    log_pred = _kernels.log_softmax(logits, axis)
-    # A masked class with no target mass (y_true = 0, logit -inf) is 0 * inf: exactly 0.
-    masked = ops.logical_and(y_true == 0, ops.isinf(log_pred))
-    log_ratio = ops.where(masked, 0.0, _log_floor(y_true) - log_pred)
-    terms = (y_true - ops.exp(log_pred)) * log_ratio
+    p, q = floor_probabilities(y_true), floor_probabilities(y_pred)
+    difference = p - q
+    near = ops.abs(difference) < _SERIES_BELOW * q
+    close = ops.log1p(ops.where(near, difference / ops.where(near, q, 1.0), 0.0))
+    log_ratio = ops.where(near, close, ops.log(p) - ops.log(q))
+    terms = (y_true - y_pred) * log_ratio
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
@@ -263,7 +226,7 @@ def jensen_shannon_from_probabilities(
     log_mixture = ops.where(
         y_true == 0,
         weighted_pred,
-        ops.where(y_pred == 0, weighted_true, ops.logaddexp(weighted_true, weighted_pred)),
+        ops.where(y_pred == 0, weighted_true, _logaddexp(weighted_true, weighted_pred)),
     )
     difference = y_pred - y_true
     close_to_true = ops.abs(difference) < safe_true
@@ -283,55 +246,336 @@ def jensen_shannon_from_probabilities(
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
-def jensen_shannon_from_logits(
-    y_true: Tensor, logits: Tensor, beta: float = 0.5, axis: int = -1
-) -> Tensor:
-    """Jensen-Shannon divergence of `y_true` and `softmax(logits)`, M in log space.
-
-    `log M = logaddexp(log(beta) + log P, log(1 - beta) + log_softmax(logits))`:
-    M is never formed by adding probabilities that came from logits.
-    """
-    if beta == 0.0:
-        return kl_from_logits(y_true, logits, axis=axis)
-    if beta == 1.0:
-        return reverse_kl_from_logits(y_true, logits, axis=axis)
-    log_true = _log_target(y_true)
-    log_pred = _kernels.log_softmax(logits, axis)
-    weighted_pred = math.log(1.0 - beta) + log_pred
-    log_mixture = ops.where(
-        y_true == 0, weighted_pred, ops.logaddexp(math.log(beta) + log_true, weighted_pred)
-    )
-    terms = (1.0 - beta) * _weighted_terms(y_true, log_true - log_mixture)
-    terms = terms + beta * _weighted_terms(ops.exp(log_pred), log_pred - log_mixture)
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
-
-
 def binary_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """Sum over `axis` of KL(Bernoulli(y_true) ‖ Bernoulli(y_pred)), both terms.
 
     `y_pred` and `1 - y_pred` are each floored at epsilon with the derivative kept.
     """
-    terms = _kl_terms(y_true, y_pred) + _kl_terms(1.0 - y_true, 1.0 - y_pred)
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+    off_pred = floor_probabilities(1.0 - y_pred)
+    # (1 - p) - (1 - q) is q - p, exact for close p and q, where the difference of the two
+    # rounded complements is not.
+    unfloored = 1.0 - y_pred >= keras.config.epsilon()
+    off_difference = ops.where(unfloored, y_pred - y_true, (1.0 - y_true) - off_pred)
+    off = _kl_terms(1.0 - y_true, 1.0 - y_pred, off_pred, off_difference)
+    return nan_gradients_where_nan(ops.sum(_kl_terms(y_true, y_pred) + off, axis=axis))
 
 
-def binary_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """Binary KL against `sigmoid(logits)`, through log-sigmoids: nothing is clipped."""
-    log_on, log_off = _kernels.log_sigmoids(logits)
-    positive = _weighted_terms(y_true, _log_target(y_true) - log_on)
-    off = 1.0 - y_true
-    negative = _weighted_terms(off, _log_target(off) - log_off)
-    return nan_gradients_where_nan(ops.sum(positive + negative, axis=axis))
-
+# ---------------------------------------------------------------------------------------
+# From logits: one exact log ratio, then each divergence as a sum of non-negative terms.
+# ---------------------------------------------------------------------------------------
 
 DISTILLATION_DIVERGENCES = ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
 
+# x - log1p(x) = x²/2 - x³/3 + ..., used where |x| < 0.1 (the first omitted term is below
+# 1e-11 relative there).
+_PSI_COEFFICIENTS = tuple(0.0 if n < 2 else (-1.0) ** n / n for n in range(13))
+_SERIES_BELOW = 0.5  # |x| below which e^x - 1 - x is a series (see _expm1_minus_identity)
+_SMALL_KL = 0.1
 
-def _floor_log(log_x: Tensor) -> Tensor:
-    """`max(log_x, log(epsilon))`, NaN kept; the derivative below the floor is 0."""
-    log_epsilon = math.log(keras.config.epsilon())
-    keep = ops.logical_or(log_x >= log_epsilon, ops.isnan(log_x))
-    return ops.where(keep, log_x, log_epsilon)
+
+def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
+    """`sum(c * x**n for n, c in enumerate(coefficients))`, by Horner's rule."""
+    result = coefficients[-1] + 0.0 * x
+    for c in reversed(coefficients[:-1]):
+        result = c + x * result
+    return result
+
+
+def _two_difference(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """`b - a` as `hi + lo`: `hi = fl(b - a)` and `lo` its rounding error, exactly (TwoSum).
+
+    Where the two rows differ by a large constant (student logits shifted against the
+    teacher's), `hi` alone carries half an ulp of that constant into every entry. Every
+    op is an addition, so the derivative of `hi + lo` is exactly that of `b - a` in every
+    autodiff mode. `lo` is 0 where `hi` is not finite.
+    """
+    hi = b - a
+    b_virtual = hi + a
+    a_virtual = b_virtual - hi
+    lo = (b - b_virtual) - (a - a_virtual)
+    return hi, ops.where(ops.isfinite(hi), lo, 0.0)
+
+
+def _logaddexp(x: Tensor, y: Tensor) -> Tensor:
+    """`log(e^x + e^y)` in the dtype of its inputs (Keras's torch `logaddexp` and `maximum`
+    compute float64 in float32), -inf where both are -inf, with finite derivatives there."""
+    larger = ops.where(x > y, x, y)
+    smaller = ops.where(x > y, y, x)
+    both_zero = larger == float("-inf")
+    gap = ops.where(both_zero, 0.0, smaller - larger)
+    return ops.where(both_zero, larger, larger + ops.log1p(ops.exp(gap)))
+
+
+class LogRatio(NamedTuple):
+    """P and Q along one axis, brought to log space with their log ratio exact.
+
+    `log_p` is log P (P normalized from its log-weights, -inf where P = 0), `log_q` is log Q,
+    `log_ratio` is log(Q / P) (0 where P = 0), and `kl` is KL(P ‖ Q) per distribution (the
+    axis kept).
+    """
+
+    log_p: Tensor
+    log_q: Tensor
+    log_ratio: Tensor
+    kl: Tensor
+
+
+def log_ratio(
+    target_log_weights: Tensor, logits: Tensor, axis: int, temperature: float = 1.0
+) -> LogRatio:
+    """P = softmax(a / T) and Q = softmax(b / T), exact where they are close.
+
+    The core of every divergence from logits. Each row is shifted by its own max before
+    dividing by T (so a constant added to a row changes nothing), and the two rows meet in
+    their difference `d = (b - a) / T` (exact, see `_two_difference`), centred on
+    `d̄ = sum(p * d)`: with `u = d - d̄`, Q / P = e^u / sum(p * e^u), and
+
+    ```python
+    kl = log(sum(p * e**u)) - sum(p * u) = log1p(S + g) - g
+    S = sum(p * (e**u - 1 - u))  # >= 0, a series near u = 0
+    g = sum(p * u)               # 0 but for the rounding of d̄
+    ```
+
+    For small KL it is `S - (x - log1p(x))`, x = S + g, a series in x: the rounding in d̄
+    cancels, and nothing is rounded in common between the rows (the shared log-sum-exp
+    rounding that makes the usual log-softmax difference lose its digits at KL ≈ 1e-6).
+    Every exponential is taken of a log-probability (scaled by e^-M, M = max(0, max(log
+    p + u))), so no logit overflows anything. The centre and the scale are constants of
+    the formula (any value gives the same function), held out of the derivatives.
+    """
+    peak = ops.max(target_log_weights, axis=axis, keepdims=True)
+    peak = ops.stop_gradient(ops.where(ops.isfinite(peak), peak, ops.zeros_like(peak)))
+    shifted = (target_log_weights - peak) / temperature
+    log_sum = ops.log(ops.sum(ops.exp(shifted), axis=axis, keepdims=True))
+    log_p = shifted - log_sum
+    masked = log_p == float("-inf")
+    p = ops.exp(log_p)
+    hi, lo = _two_difference(logits, target_log_weights)
+    hi = ops.where(masked, 0.0, hi)
+    # Centred before dividing by T: hi - centre is exact where the rows are close, and a
+    # difference of a row's constant divided by T would round in every entry.
+    centre = ops.stop_gradient(ops.sum(p * hi, axis=axis, keepdims=True))
+    u = ops.where(masked, 0.0, ((hi - centre) + ops.where(masked, 0.0, lo)) / temperature)
+    # log(p * e^u) = (b - d̄) / T - logsumexp(a / T); where P = 0 from the row's peak.
+    stand_in = ((logits - peak) - centre) / temperature - log_sum
+    log_weighted = ops.where(masked, stand_in, log_p + u)
+    scale = ops.max(log_weighted, axis=axis, keepdims=True)
+    usable = ops.logical_and(ops.isfinite(scale), scale > 0)
+    scale = ops.stop_gradient(ops.where(usable, scale, ops.zeros_like(scale)))
+    descale = ops.exp(-scale)
+    near = ops.logical_and(ops.abs(u) < _SERIES_BELOW, ops.logical_not(masked))
+    near_terms = p * _expm1_minus_identity(ops.where(near, u, 0.0))
+    far_terms = ops.exp(log_weighted - scale) - p * (1.0 + u) * descale
+    terms = ops.where(near, near_terms * descale, far_terms)
+    # Divided by sum(p), 1 but for the rounding of log P (one ulp of the log-sum-exp,
+    # shared by the whole row), which would otherwise scale KL by 1 + that rounding.
+    weight = ops.sum(p, axis=axis, keepdims=True)
+    total = ops.sum(terms, axis=axis, keepdims=True) / weight
+    drift = ops.sum(p * u, axis=axis, keepdims=True) / weight
+    x = total + drift
+    scaled = scale > 0
+    log_total = ops.where(scaled, scale + ops.log(descale * (1.0 + drift) + total), ops.log1p(x))
+    small = ops.logical_and(ops.logical_not(scaled), ops.abs(x) < _SMALL_KL)
+    psi = _polynomial(ops.where(small, x, 0.0), _PSI_COEFFICIENTS)
+    kl = ops.where(small, total - psi, log_total - drift)
+    # A student log-probability of -inf where the teacher has mass: KL is +inf.
+    lost = ops.logical_and(logits == float("-inf"), p > 0)
+    kl = ops.where(ops.any(lost, axis=axis, keepdims=True), float("inf"), kl)
+    kl = ops.where(kl < 0, 0.0, kl)  # rounding below 0 (never in a test); NaN is kept
+    log_q = log_weighted - log_total
+    return LogRatio(log_p, log_q, ops.where(masked, 0.0, u - log_total), kl)
+
+
+def _weighted_phi(weight: Tensor, y: Tensor, weighted_exp: Tensor) -> Tensor:
+    """`weight * (e^y - 1 - y)` where `weight * e^y = weighted_exp`: 0 where both are 0.
+
+    A series near y = 0; elsewhere `weighted_exp - weight - weight * y`, which never
+    overflows (`weight * e^y` is a probability) and is `weighted_exp` where `weight` is 0.
+    """
+    near = ops.logical_and(weight > 0, ops.abs(y) < _SERIES_BELOW)
+    series = weight * _expm1_minus_identity(ops.where(near, y, 0.0))
+    linear = ops.where(weight == 0, 0.0, weight * ops.where(weight == 0, 0.0, 1.0 + y))
+    return ops.where(near, series, weighted_exp - linear)
+
+
+def _times_log_gap(weight: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """`weight * (log_a - log_b)`, 0 where `weight` is 0 (whatever the logs)."""
+    zero = weight == 0
+    return weight * ops.where(zero, 0.0, log_a - ops.where(zero, 0.0, log_b))
+
+
+def _reverse_terms(
+    p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, ell: Tensor, floored: Tensor
+) -> Tensor:
+    """Per entry q·φ(-ℓ) = p - q + q·ℓ, with log p replaced by its floor where `floored`.
+
+    Summed, KL(Q ‖ P) less (Σq - Σp); every term >= 0 where nothing is floored.
+    """
+    exact = _weighted_phi(q, -ell, p)
+    plain = (p - q) + _times_log_gap(q, log_q, log_p)
+    near = ops.logical_and(ops.logical_not(floored), ops.abs(ell) < _SERIES_BELOW)
+    return ops.where(near, exact, plain)
+
+
+def _jeffreys_terms(
+    p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, ell: Tensor, floored: Tensor
+) -> Tensor:
+    """Per entry (q - p)·(log q - log p) = p·ℓ·(e^ℓ - 1) >= 0, log p floored where `floored`."""
+    near = ops.logical_and(ops.logical_not(floored), ops.abs(ell) < _SERIES_BELOW)
+    exact = p * ell * ops.expm1(ops.where(near, ell, 0.0))
+    difference = q - p
+    plain = _times_log_gap(difference, log_q, log_p)
+    return ops.where(near, exact, plain)
+
+
+def _jensen_shannon_terms(
+    p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, ell: Tensor, beta: float
+) -> Tensor:
+    """Per entry (1 - β)·p·φ(log(m / p)) + β·q·φ(log(m / q)), M = βP + (1 - β)Q.
+
+    Summed, the Jensen-Shannon divergence less (2β - 1)(Σp - Σq). Near ℓ = 0,
+    log(m / p) = log1p((1 - β)·expm1(ℓ)) keeps its digits; elsewhere log M is a log-space
+    sum of the two weighted log-probabilities.
+    """
+    near = ops.logical_and(p > 0, ops.abs(ell) < _SERIES_BELOW)
+    near_ell = ops.where(near, ell, 0.0)
+    log_m_over_p = ops.log1p((1.0 - beta) * ops.expm1(near_ell))
+    log_m = ops.where(
+        near,
+        log_p + log_m_over_p,
+        _logaddexp(math.log(beta) + log_p, math.log(1.0 - beta) + log_q),
+    )
+    m = ops.exp(log_m)
+    finite_m = ops.where(log_m == float("-inf"), 0.0, log_m)
+    toward_p = ops.where(near, log_m_over_p, finite_m - ops.where(p > 0, log_p, 0.0))
+    toward_q = ops.where(near, log_m_over_p - near_ell, finite_m - ops.where(q > 0, log_q, 0.0))
+    return (1.0 - beta) * _weighted_phi(p, toward_p, m) + beta * _weighted_phi(q, toward_q, m)
+
+
+def _squeeze(values: Tensor, axis: int) -> Tensor:
+    return nan_gradients_where_nan(ops.squeeze(values, axis=axis))
+
+
+def _target_log_weights(y_true: Tensor) -> Tensor:
+    """log(y_true): -inf where it is 0, NaN where it is negative or NaN."""
+    zero = y_true == 0
+    return ops.where(zero, float("-inf"), ops.log(ops.where(zero, 1.0, y_true)))
+
+
+class _TargetRatio(NamedTuple):
+    """A probability target p (any sum) against softmax(logits), in log space."""
+
+    p: Tensor
+    log_p: Tensor  # log p itself (not normalized): -inf where p = 0
+    q: Tensor
+    log_q: Tensor
+    log_ratio: Tensor  # log(q / p) where p > 0, 0 where p = 0
+    core: LogRatio
+    mass: Tensor  # sum(p), the axis kept
+    excess: Tensor  # sum(p) - 1
+
+
+def _against_target(y_true: Tensor, logits: Tensor, axis: int) -> _TargetRatio:
+    log_p = _target_log_weights(y_true)
+    core = log_ratio(log_p, logits, axis)
+    q = ops.exp(core.log_q)
+    # sum(p) - 1: a float32 sum near 1 rounds to a multiple of 6e-8, the limit of the plain
+    # formula's dependence on it for a rounded target (the numerics guide).
+    # Zero targets enter the sum times 0: their gradient is 0 (0·log 0 = 0), and NaN when
+    # the distribution's value is NaN (a `where` would give them 0 there on some backends).
+    nonzero = ops.cast(y_true != 0, y_true.dtype)
+    mass = ops.sum(y_true * nonzero, axis=axis, keepdims=True)
+    excess = mass - 1.0
+    # log(q / p) of the plain (unnormalized) p: the normalized ratio less log(sum(p)).
+    ell = ops.where(y_true == 0, 0.0, core.log_ratio - ops.log1p(excess))
+    return _TargetRatio(y_true, log_p, q, core.log_q, ell, core, mass, excess)
+
+
+def _floored_log(y_true: Tensor) -> tuple[Tensor, Tensor]:
+    """`(log(max(y_true, epsilon)), y_true < epsilon)`, the floor's derivative that of y_true."""
+    return ops.log(floor_probabilities(y_true)), y_true < keras.config.epsilon()
+
+
+def kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
+    """KL(y_true ‖ softmax(logits)) = sum(y_true * (log(y_true) - log_softmax(logits))).
+
+    With Z = sum(y_true) it is Z·KL(y_true / Z ‖ Q) + Z·log(Z): the first term from the
+    exact core (`log_ratio`), the second 0 for a target that sums to 1 and otherwise the
+    plain formula's value for unnormalized targets. Nothing is clipped; a logit of -inf
+    is allowed wherever `y_true` is 0 (a masked class).
+    """
+    t = _against_target(y_true, logits, axis)
+    return _squeeze(t.mass * t.core.kl + t.mass * ops.log1p(t.excess), axis)
+
+
+def reverse_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
+    """KL(softmax(logits) ‖ y_true), with `y_true` floored at epsilon inside the log.
+
+    ```python
+    loss = sum(q * (log(q) - log(max(y_true, epsilon))), axis=axis)  # q = softmax(logits)
+    ```
+
+    Computed as sum(q·φ(log(y_true / q))) + 1 - sum(y_true), φ(x) = e^x - 1 - x, a sum of
+    non-negative terms (see `log_ratio`).
+    """
+    t = _against_target(y_true, logits, axis)
+    log_floor, floored = _floored_log(y_true)
+    terms = _reverse_terms(t.p, t.q, log_floor, t.log_q, t.log_ratio, floored)
+    return _squeeze(ops.sum(terms, axis=axis, keepdims=True) - t.excess, axis)
+
+
+def jeffreys_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
+    """KL(y_true ‖ q) + KL(q ‖ y_true), q = softmax(logits), `y_true` floored at epsilon.
+
+    ```python
+    loss = sum((y_true - q) * (log(max(y_true, epsilon)) - log_softmax(logits)), axis=axis)
+    ```
+
+    Each term is p·ℓ·(e^ℓ - 1) >= 0, ℓ = log(q / p) exact (see `log_ratio`). A logit of
+    `-inf` (q = 0) is allowed wherever `y_true` is 0.
+    """
+    t = _against_target(y_true, logits, axis)
+    log_floor, floored = _floored_log(y_true)
+    terms = _jeffreys_terms(t.p, t.q, log_floor, t.log_q, t.log_ratio, floored)
+    return _squeeze(ops.sum(terms, axis=axis, keepdims=True), axis)
+
+
+def jensen_shannon_from_logits(
+    y_true: Tensor, logits: Tensor, beta: float = 0.5, axis: int = -1
+) -> Tensor:
+    """Jensen-Shannon divergence of `y_true` and `softmax(logits)`, M in log space.
+
+    `beta` 0 and 1 are forward and reverse KL exactly; between them nothing is floored.
+    """
+    if beta == 0.0:
+        return kl_from_logits(y_true, logits, axis=axis)
+    if beta == 1.0:
+        return reverse_kl_from_logits(y_true, logits, axis=axis)
+    t = _against_target(y_true, logits, axis)
+    terms = _jensen_shannon_terms(t.p, t.q, t.log_p, t.log_q, t.log_ratio, beta)
+    correction = (2.0 * beta - 1.0) * t.excess
+    return _squeeze(ops.sum(terms, axis=axis, keepdims=True) - correction, axis)
+
+
+def binary_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
+    """Binary KL against `sigmoid(logits)`, summed over `axis`: the two-outcome case.
+
+    Per entry p·φ(ℓ₁) + (1 - p)·φ(ℓ₀), ℓ₁ = log(q / p), ℓ₀ = log((1 - q) / (1 - p)),
+    q = sigmoid(z). Near q = p both come from e = z - logit(p), as log1p(sigmoid(-z) ·
+    expm1(e)) and log1p(sigmoid(z)·expm1(-e)), so close distributions keep their digits;
+    elsewhere they are differences of log-sigmoids. Nothing is clipped.
+    """
+    log_on, log_off = _kernels.log_sigmoids(logits)
+    log_true_on = _target_log_weights(y_true)
+    log_true_off = ops.log1p(-y_true)  # the log of 1 - y_true itself, not of its rounding
+    e = logits - (log_true_on - log_true_off)
+    near = ops.abs(e) < _SERIES_BELOW
+    near_e = ops.where(near, e, 0.0)
+    q_on, q_off = ops.exp(log_on), ops.exp(log_off)
+    ell_on = ops.where(near, ops.log1p(q_off * ops.expm1(near_e)), log_on - log_true_on)
+    ell_off = ops.where(near, ops.log1p(q_on * ops.expm1(-near_e)), log_off - log_true_off)
+    terms = _weighted_phi(y_true, ell_on, q_on) + _weighted_phi(1.0 - y_true, ell_off, q_off)
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
 def distillation_from_logits(
@@ -342,45 +586,37 @@ def distillation_from_logits(
     beta: float,
     axis: int,
 ) -> Tensor:
-    """`temperature**2 * D(softmax(teacher / T) ‖ softmax(student / T))`, both sides in log space.
+    """`temperature**2 * D(softmax(teacher / T) ‖ softmax(student / T))`, exact when close.
 
     `divergence` is one of `DISTILLATION_DIVERGENCES`; `temperature` a Python float > 0
     and `beta` one in [0, 1], both checked by the caller. With P the teacher's and Q the
-    student's distribution at temperature T:
+    student's distribution at temperature T and ℓ = log(Q / P) from `log_ratio`:
 
-    - `"kl"`: KL(P ‖ Q); `"reverse_kl"`: KL(Q ‖ P); `"jeffreys"`: their sum;
-      `"jensen_shannon"`: (1 - beta) KL(P ‖ M) + beta KL(Q ‖ M), M = beta P + (1 - beta) Q,
-      with log M the `logaddexp` of the weighted log-probabilities.
+    - `"kl"`: KL(P ‖ Q) from `log_ratio`; `"reverse_kl"`: sum(q·φ(-ℓ)), KL(Q ‖ P);
+      `"jeffreys"`: sum(p·ℓ·(e^ℓ - 1)), their sum; `"jensen_shannon"`: (1 - beta) KL(P ‖ M)
+      + beta KL(Q ‖ M), M = beta P + (1 - beta) Q, as sum((1 - beta)·p·φ(log(m / p)) +
+      beta·q·φ(log(m / q))). Every term is >= 0, φ(x) = e^x - 1 - x.
     - Teacher logits of `-inf` (masked entries): exact for `"kl"` and `"jensen_shannon"`.
       For `"reverse_kl"` and `"jeffreys"` the true value is infinite wherever the student
       puts mass there, so log P is floored at `log(epsilon)` (derivative 0 below it).
     """
-    log_true = _kernels.log_softmax(teacher_logits / temperature, axis)
-    log_pred = _kernels.log_softmax(student_logits / temperature, axis)
-    true, pred = ops.exp(log_true), ops.exp(log_pred)
     if divergence == "jensen_shannon" and beta == 0.0:
         divergence = "kl"
     if divergence == "jensen_shannon" and beta == 1.0:
         divergence = "reverse_kl"
+    core = log_ratio(teacher_logits, student_logits, axis, temperature)
     if divergence == "kl":
-        terms = _weighted_terms(true, log_true - log_pred)
-    elif divergence == "reverse_kl":
-        terms = _weighted_terms(pred, log_pred - _floor_log(log_true))
-    elif divergence == "jeffreys":
-        # A class masked on both sides (P = Q = 0) is 0 * inf: exactly 0.
-        both_masked = ops.logical_and(ops.isinf(log_true), ops.isinf(log_pred))
-        log_ratio = ops.where(both_masked, 0.0, _floor_log(log_true) - log_pred)
-        terms = (true - pred) * log_ratio
+        return _squeeze(temperature**2 * core.kl, axis)
+    p, q = ops.exp(core.log_p), ops.exp(core.log_q)
+    if divergence == "jensen_shannon":
+        terms = _jensen_shannon_terms(p, q, core.log_p, core.log_q, core.log_ratio, beta)
     else:
-        # Where both are masked, logaddexp(-inf, -inf) has NaN derivatives: give it zeros.
-        both_masked = ops.logical_and(ops.isinf(log_true), ops.isinf(log_pred))
-        log_mixture = ops.logaddexp(
-            math.log(beta) + ops.where(both_masked, 0.0, log_true),
-            math.log(1.0 - beta) + ops.where(both_masked, 0.0, log_pred),
-        )
-        terms = (1.0 - beta) * _weighted_terms(true, log_true - log_mixture)
-        terms = terms + beta * _weighted_terms(pred, log_pred - log_mixture)
-    return nan_gradients_where_nan(temperature**2 * ops.sum(terms, axis=axis))
+        # Only masked entries (log P = -inf) are floored: a finite logit keeps its own log P.
+        floored = core.log_p == float("-inf")
+        log_floor = ops.where(floored, math.log(keras.config.epsilon()), core.log_p)
+        form = _reverse_terms if divergence == "reverse_kl" else _jeffreys_terms
+        terms = form(p, q, log_floor, core.log_q, core.log_ratio, floored)
+    return _squeeze(temperature**2 * ops.sum(terms, axis=axis, keepdims=True), axis)
 
 
 def bernoulli_kl(rho: float, rho_hat: Tensor) -> Tensor:

@@ -90,6 +90,21 @@ def two_logits(rng):
     return [rng.normal(size=(2, 3, 4)).astype("float32") for _ in range(2)]
 
 
+def close_logits(rng):
+    # Distributions near each other (KL about 1e-4), where the centred core is used.
+    teacher = rng.normal(size=(2, 3, 4))
+    return [
+        teacher.astype("float32"),
+        (teacher + 0.02 * rng.normal(size=(2, 3, 4))).astype("float32"),
+    ]
+
+
+def close_probabilities(rng):
+    p = probabilities(rng, (2, 3, 4))
+    q = p * np.exp(0.02 * rng.normal(size=p.shape))
+    return [p, (q / q.sum(-1, keepdims=True)).astype("float32")]
+
+
 def probs(rng):
     return [probabilities(rng, (2, 3, 4)), probabilities(rng, (2, 3, 4))]
 
@@ -150,6 +165,28 @@ CASES = {
         )
         for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
     },
+    **{
+        f"LogitsDistillation {divergence} close": Case(
+            lambda t, s, d=divergence: kl_keras.LogitsDistillation(
+                2.0, d, beta=0.3, reduction="none"
+            )(t, s),
+            lambda t, s, d=divergence: reference_distillation(t, s, d),
+            close_logits,
+        )
+        for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
+    },
+    "kl_divergence logits close": Case(
+        lambda p, z: kl_keras.kl_divergence(p, z, from_logits=True),
+        lambda p, z: np.sum(rel_entr(p, softmax(z, axis=-1)), axis=-1),
+        lambda rng: (lambda t, s: [softmax(np.float64(t), -1).astype("float32"), s])(
+            *close_logits(rng)
+        ),
+    ),
+    "kl_divergence probabilities close": Case(
+        lambda p, q: kl_keras.kl_divergence(p, q),
+        lambda p, q: np.sum(rel_entr(p, q), axis=-1),
+        close_probabilities,
+    ),
     "gaussian_kl_divergence": Case(
         kl_keras.gaussian_kl_divergence,
         lambda m, lv, pm, plv: reference_gaussian_kl(m, lv, pm, plv),

@@ -147,3 +147,37 @@ def test_a_regularizer_reports_its_beta_and_warns():
 def test_invalid_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         kl_keras.callbacks.KLMonitor(**kwargs)
+
+
+def test_a_regularizer_on_a_plain_dense_is_read_over_the_data_it_is_given():
+    # The way the README's first example attaches the penalty: `activity_regularizer=` on a
+    # Dense. The monitor reads the layer over `data` at each epoch end, with that epoch's
+    # final weights; nothing is added to what the layer saves.
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    regularizer = kl_keras.KLActivityRegularizer(0.1, 0.7)
+    code = keras.layers.Dense(
+        4, activation="sigmoid", activity_regularizer=regularizer, name="code"
+    )
+    model = keras.Model(inputs, keras.layers.Dense(6)(code(inputs)))
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(
+            to_numpy(keras.Model(inputs, code.output)(X_VAL))
+        )
+    )
+    monitor = kl_keras.callbacks.KLMonitor(data=X_VAL, batch_size=8, dead_threshold=0.2)
+    history = model.fit(X, X, epochs=3, callbacks=[monitor, record], verbose=0)
+    for epoch, activations in enumerate(seen):
+        rho_hat = activations.mean(0)
+        penalty = 0.7 * np.sum(rel_entr(0.1, rho_hat) + rel_entr(0.9, 1 - rho_hat))
+        logged = {key: values[epoch] for key, values in history.history.items()}
+        np.testing.assert_allclose(logged["code_rho_hat"], rho_hat.mean(), rtol=1e-5)
+        np.testing.assert_allclose(logged["code_rho_hat_min"], rho_hat.min(), rtol=1e-5)
+        np.testing.assert_allclose(logged["code_rho_hat_max"], rho_hat.max(), rtol=1e-5)
+        assert logged["code_dead_units"] == np.mean(rho_hat < 0.2)
+        np.testing.assert_allclose(logged["code_penalty"], penalty, rtol=1e-5)
+        assert logged["code_beta"] == 0.7
+    assert len(set(history.history["code_rho_hat"])) == 3  # it follows training
+    assert len(model.get_layer("code").weights) == 2  # kernel and bias: nothing added
