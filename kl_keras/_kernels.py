@@ -3,12 +3,11 @@
 Everything in kl_keras is `keras.ops`; what differs between backends is only which of
 two exact forms of the same function is cheaper, and every derivative mode stays the
 backend's own. XLA (TensorFlow with `jit_compile`, JAX) fuses a chain of elementwise
-ops into one pass, so `z - logsumexp(z)` costs no more than a log-softmax and keeps
-less in memory for the gradient (one input, where a fused log-softmax keeps two on
-JAX). PyTorch runs op by op, each op a kernel that writes a full-size temporary, so
-there the fused `log_softmax` and `log_sigmoid` kernels (one pass forward, one
-backward, with forward-mode, second-order and `torch.func` rules) win. Measured in
-BENCHMARKS.md.
+ops into one pass; PyTorch runs op by op, each op a kernel that writes a full-size
+temporary, so there the fused `log_sigmoid` kernel (one pass forward, one backward,
+with forward-mode, second-order and `torch.func` rules) wins. Measured in
+BENCHMARKS.md. (The log-softmax of every divergence from logits is the core's own,
+`kl_keras.divergence.log_ratio`, the same on every backend.)
 """
 
 import keras
@@ -17,16 +16,9 @@ from keras import ops
 from kl_keras._types import Tensor
 
 
-def op_by_op() -> Tensor:
+def op_by_op() -> bool:
     """True on PyTorch, whose eager engine runs one kernel per op (see the module docstring)."""
     return keras.backend.backend() == "torch"
-
-
-def log_softmax(logits: Tensor, axis: int) -> Tensor:
-    """`logits - logsumexp(logits, axis)`: a fused kernel on PyTorch, the fusable form elsewhere."""
-    if op_by_op():
-        return ops.log_softmax(logits, axis=axis)
-    return logits - ops.logsumexp(logits, axis=axis, keepdims=True)
 
 
 def log_sigmoids(logits: Tensor) -> Tensor:

@@ -117,11 +117,6 @@ def _weighted_terms(weights: Tensor, log_ratio: Tensor) -> Tensor:
     return weights * ops.where(weights == 0, 0.0, log_ratio)
 
 
-def _log_target(y_true: Tensor) -> Tensor:
-    """`log(y_true)`; 0 where `y_true == 0` (unused there), NaN where it is negative."""
-    return ops.log(ops.where(y_true == 0, 1.0, y_true))
-
-
 def _positive_or_nan(x: Tensor) -> Tensor:
     """`x` where positive, 1 where 0 (a weight-0 entry), NaN where negative or NaN."""
     return ops.where(x > 0, x, ops.cast(ops.where(x == 0, 1.0, float("nan")), x.dtype))
@@ -173,11 +168,6 @@ def kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Ten
 def reverse_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """KL(y_pred ‖ y_true): `sum(y_pred * log(y_pred / max(y_true, epsilon)))`."""
     return kl_from_probabilities(y_pred, y_true, axis=axis)
-
-
-def _log_floor(x: Tensor) -> Tensor:
-    """`log(max(x, epsilon))` with the derivative kept below the floor; NaN for negative `x`."""
-    return ops.log(floor_probabilities(x))
 
 
 def jeffreys_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:

@@ -274,38 +274,40 @@ def test_float64_is_float64_throughout(divergence):
 
 
 # On probabilities kl_keras floors the probability inside each log's denominator at 1e-7
-# (Keras's convention): the formulas with those floors.
+# (Keras's convention): the per-entry terms of the formulas with those floors.
 PROBABILITIES = {
-    "kl": (kl_keras.kl_divergence, lambda p, q: np.sum(p * np.log(p / floored(q)), -1)),
-    "reverse_kl": (
-        kl_keras.reverse_kl_divergence,
-        lambda p, q: np.sum(q * np.log(q / floored(p)), -1),
-    ),
+    "kl": (kl_keras.kl_divergence, lambda p, q: p * np.log(p / floored(q))),
+    "reverse_kl": (kl_keras.reverse_kl_divergence, lambda p, q: q * np.log(q / floored(p))),
     "jeffreys": (
         kl_keras.jeffreys_divergence,
-        lambda p, q: np.sum((p - q) * np.log(floored(p) / floored(q)), -1),
+        lambda p, q: (p - q) * np.log(floored(p) / floored(q)),
     ),
-    "jensen_shannon": PROBABILITY_FORMULAS["jensen_shannon"],
+    "jensen_shannon": (
+        lambda p, q: kl_keras.jensen_shannon_divergence(p, q, beta=BETA),
+        lambda p, q: (
+            (1 - BETA) * p * np.log(p / (BETA * p + (1 - BETA) * q))
+            + BETA * q * np.log(q / (BETA * p + (1 - BETA) * q))
+        ),
+    ),
 }
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
 @pytest.mark.parametrize("sigma", [1e-4, 2e-3, 0.05, 3.0])
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_probabilities_are_exact_up_to_the_sum_of_their_differences(name, sigma, offset):
-    # Two float32 softmax outputs (each row sums to 1 only up to float32 rounding). The
-    # plain formula's value contains sum(p) - sum(q), which the sum of the exact
-    # differences p - q resolves to its rounding, about eps·sum(|p - q|); every other part
-    # is a sum of non-negative terms. Jeffreys has no such part and is exact. Where most of
-    # a row lies below the 1e-7 floor, the floor itself moves the value (the guide).
+def test_probabilities_are_exact_up_to_the_rounding_of_their_sum(name, sigma, offset):
+    # Two float32 softmax outputs. Each term is computed to float32 rounding of its own size
+    # (the log of two close probabilities as log1p of their exact difference), so what is
+    # left is the rounding of the sum of terms of both signs: eps·sum(|term|), about
+    # eps·sum(|p - q|) for close rows. Jeffreys's terms are all >= 0: it is exact. Where
+    # most of a row lies below the 1e-7 floor, the floor itself moves the value (the guide).
     teacher, student = logits(sigma, offset, 32000)
     p = np.exp(log_softmax(LD(teacher))).astype("float32")
     q = np.exp(log_softmax(LD(student))).astype("float32")
     function, formula = PROBABILITIES[name]
-    expected = formula(LD(p), LD(q))
+    terms = formula(LD(p), LD(q))
+    expected = np.sum(terms, -1)
     value = np.asarray(to_numpy(function(p, q)), LD)
     eps = np.finfo("float32").eps
-    bound = 2e-6 * np.abs(expected)
-    if name != "jeffreys":
-        bound = bound + eps * np.sum(np.abs(floored(LD(p)) - floored(LD(q))), -1)
+    bound = 2e-6 * np.abs(expected) + 2 * eps * np.sum(np.abs(terms), -1)
     assert np.all(np.abs(value - expected) <= bound)
