@@ -28,8 +28,9 @@ Numerical conventions, shared by every function in this module:
   (the log-sum-exp of each row) enters, and each divergence is a sum of non-negative
   terms. Close distributions (KL of 1e-8 and below) keep their digits, and a constant
   added to either row changes nothing.
-- On probabilities, the log of a ratio of two close probabilities is `log1p((p - q) / q)`,
-  with `p - q` exact, rather than the log of the rounded ratio.
+- On probabilities, each log of a ratio is one `log` of the rounded ratio: KL of two close
+  rows of probabilities is resolved to about float rounding of sum(p), not of KL itself
+  (pass logits where the distributions are close; see the numerics guide).
 
 Reference: S. Kullback and R. A. Leibler, "On Information and Sufficiency",
 Annals of Mathematical Statistics 22(1), 1951.
@@ -122,26 +123,15 @@ def _positive_or_nan(x: Tensor) -> Tensor:
     return ops.where(x > 0, x, ops.cast(ops.where(x == 0, 1.0, float("nan")), x.dtype))
 
 
-def _kl_terms(
-    p: Tensor, q: Tensor, floored: Tensor | None = None, difference: Tensor | None = None
-) -> Tensor:
+def _kl_terms(p: Tensor, q: Tensor) -> Tensor:
     """The terms `p * log(p / max(q, epsilon))` of KL(p ‖ q) on probabilities, elementwise.
 
-    `q` is floored with its derivative kept (see `floor_probabilities`). Where p and q are
-    within a factor 1.5 of each other the log of the ratio is `log1p((p - q) / q)`: `p - q`
-    is exact there, so the log keeps its digits where the two are close (the log of a
-    rounded ratio has an error of one ulp of 1, that of the ratio itself). Elsewhere the
-    log of the ratio is taken in one `log`. A caller with a more exact `p - max(q,
-    epsilon)` than the subtraction (the complements of binary KL) passes it, with the floor.
+    The log of the ratio is taken in one `log`, which is more precise than a
+    difference of logs when the two distributions are close; `q` is floored with
+    its derivative kept (see `floor_probabilities`).
     """
-    if floored is None:
-        floored = floor_probabilities(q)
-    if difference is None:
-        difference = p - floored
-    near = ops.abs(difference) < _SERIES_BELOW * floored
-    close = ops.log1p(ops.where(near, difference / ops.where(near, floored, 1.0), 0.0))
     safe_p = ops.where(p == 0, 1.0, p)
-    return _weighted_terms(p, ops.where(near, close, ops.log(safe_p / floored)))
+    return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
 
 
 def kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
@@ -170,6 +160,11 @@ def reverse_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1
     return kl_from_probabilities(y_pred, y_true, axis=axis)
 
 
+def _log_floor(x: Tensor) -> Tensor:
+    """`log(max(x, epsilon))` with the derivative kept below the floor; NaN for negative `x`."""
+    return ops.log(floor_probabilities(x))
+
+
 def jeffreys_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true) on probabilities, both floored at epsilon.
 
@@ -177,17 +172,10 @@ def jeffreys_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) 
     loss = sum((y_true - y_pred) * (log(max(y_true, epsilon)) - log(max(y_pred, epsilon))))
     ```
 
-    Symmetric in its arguments, and every term is >= 0. Where the two are close the log
-    ratio is `log1p((p - q) / q)`, exact with the difference. Where both are at least
-    epsilon it is forward plus reverse KL exactly; an entry below epsilon differs from that
-    sum by at most epsilon / e.
+    Symmetric in its arguments. Where both are at least epsilon it is forward plus reverse
+    KL exactly; an entry below epsilon differs from that sum by at most epsilon / e.
     """
-    p, q = floor_probabilities(y_true), floor_probabilities(y_pred)
-    difference = p - q
-    near = ops.abs(difference) < _SERIES_BELOW * q
-    close = ops.log1p(ops.where(near, difference / ops.where(near, q, 1.0), 0.0))
-    log_ratio = ops.where(near, close, ops.log(p) - ops.log(q))
-    terms = (y_true - y_pred) * log_ratio
+    terms = (y_true - y_pred) * (_log_floor(y_true) - _log_floor(y_pred))
     return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
@@ -241,13 +229,8 @@ def binary_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1)
 
     `y_pred` and `1 - y_pred` are each floored at epsilon with the derivative kept.
     """
-    off_pred = floor_probabilities(1.0 - y_pred)
-    # (1 - p) - (1 - q) is q - p, exact for close p and q, where the difference of the two
-    # rounded complements is not.
-    unfloored = 1.0 - y_pred >= keras.config.epsilon()
-    off_difference = ops.where(unfloored, y_pred - y_true, (1.0 - y_true) - off_pred)
-    off = _kl_terms(1.0 - y_true, 1.0 - y_pred, off_pred, off_difference)
-    return nan_gradients_where_nan(ops.sum(_kl_terms(y_true, y_pred) + off, axis=axis))
+    terms = _kl_terms(y_true, y_pred) + _kl_terms(1.0 - y_true, 1.0 - y_pred)
+    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,6 +243,8 @@ DISTILLATION_DIVERGENCES = ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
 # 1e-11 relative there).
 _PSI_COEFFICIENTS = tuple(0.0 if n < 2 else (-1.0) ** n / n for n in range(13))
 _SERIES_BELOW = 0.5  # |x| below which e^x - 1 - x is a series (see _expm1_minus_identity)
+# (e^x - 1 - x) / x² = 1/2! + x/3! + ... + x⁸/10!, its series for |x| < 0.5.
+_PHI_COEFFICIENTS = tuple(1.0 / math.factorial(n + 2) for n in range(9))
 _SMALL_KL = 0.1
 
 
@@ -335,11 +320,14 @@ def log_ratio(
     """
     peak = ops.max(target_log_weights, axis=axis, keepdims=True)
     peak = ops.stop_gradient(ops.where(ops.isfinite(peak), peak, ops.zeros_like(peak)))
+    logits_peak = ops.stop_gradient(ops.max(logits, axis=axis, keepdims=True))
     shifted = (target_log_weights - peak) / temperature
-    log_sum = ops.log(ops.sum(ops.exp(shifted), axis=axis, keepdims=True))
+    exp_shifted = ops.exp(shifted)
+    sum_exp = ops.sum(exp_shifted, axis=axis, keepdims=True)
+    log_sum = ops.log(sum_exp)
     log_p = shifted - log_sum
     masked = log_p == float("-inf")
-    p = ops.exp(log_p)
+    p = exp_shifted / sum_exp
     hi, lo = _two_difference(logits, target_log_weights)
     hi = ops.where(masked, 0.0, hi)
     # Centred before dividing by T: hi - centre is exact where the rows are close, and a
@@ -349,12 +337,14 @@ def log_ratio(
     # log(p * e^u) = (b - d̄) / T - logsumexp(a / T); where P = 0 from the row's peak.
     stand_in = ((logits - peak) - centre) / temperature - log_sum
     log_weighted = ops.where(masked, stand_in, log_p + u)
-    scale = ops.max(log_weighted, axis=axis, keepdims=True)
+    # The largest log(p * e^u), from the rows' maxima (no pass of its own).
+    scale = ((logits_peak - peak) - centre) / temperature - log_sum
     usable = ops.logical_and(ops.isfinite(scale), scale > 0)
     scale = ops.stop_gradient(ops.where(usable, scale, ops.zeros_like(scale)))
     descale = ops.exp(-scale)
     near = ops.logical_and(ops.abs(u) < _SERIES_BELOW, ops.logical_not(masked))
-    near_terms = p * _expm1_minus_identity(ops.where(near, u, 0.0))
+    near_u = ops.where(near, u, 0.0)
+    near_terms = p * (near_u * near_u * _polynomial(near_u, _PHI_COEFFICIENTS))
     far_terms = ops.exp(log_weighted - scale) - p * (1.0 + u) * descale
     terms = ops.where(near, near_terms * descale, far_terms)
     # Divided by sum(p), 1 but for the rounding of log P (one ulp of the log-sum-exp,
