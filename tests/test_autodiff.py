@@ -156,24 +156,15 @@ CASES = {
         lambda rng: [binary(rng)[0], rng.normal(size=(2, 3, 4)).astype("float32")],
     ),
     **{
-        f"LogitsDistillation {divergence}": Case(
+        f"LogitsDistillation {divergence}{suffix}": Case(
             lambda t, s, d=divergence: kl_keras.LogitsDistillation(
                 2.0, d, beta=0.3, reduction="none"
             )(t, s),
             lambda t, s, d=divergence: reference_distillation(t, s, d),
-            two_logits,
+            inputs,
         )
         for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
-    },
-    **{
-        f"LogitsDistillation {divergence} close": Case(
-            lambda t, s, d=divergence: kl_keras.LogitsDistillation(
-                2.0, d, beta=0.3, reduction="none"
-            )(t, s),
-            lambda t, s, d=divergence: reference_distillation(t, s, d),
-            close_logits,
-        )
-        for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
+        for suffix, inputs in (("", two_logits), (" close", close_logits))
     },
     "kl_divergence logits close": Case(
         lambda p, z: kl_keras.kl_divergence(p, z, from_logits=True),
