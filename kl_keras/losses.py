@@ -76,9 +76,12 @@ def kl_divergence(
       finite value, a logit of `-inf` is allowed where `y_true == 0`, and the
       gradient with respect to the logits is `softmax(y_pred) * sum(y_true) -
       y_true`. The value is computed from the centred difference of
-      `log(y_true)` and the logits, so it keeps its digits where the two
-      distributions are close (KL of 1e-8 and below), up to the rounding of
-      `log(y_true)` of a float32 target (see the numerics guide).
+      `log(y_true)` and the logits, so the divergence of the normalized
+      target keeps its digits where the two distributions are close, up to
+      the rounding of `log(y_true)` of a float32 target; the plain formula's
+      term in `sum(y_true) - 1` is resolved only to a float32 sum's 1.2e-7
+      (the numerics guide: pass the teacher's logits to `LogitsDistillation`
+      where it matters).
     - A distribution with a negative or NaN entry in either argument has a NaN
       value and NaN gradients; other distributions are untouched.
     - Every derivative is traced by the backend: reverse and forward mode,
