@@ -21,6 +21,9 @@ from hypothesis import strategies as st
 
 import kl_keras
 
+# The math alone, the same on every Keras version: the minimum-Keras CI run skips it.
+pytestmark = pytest.mark.numerics
+
 LD = np.longdouble
 DIVERGENCES = ["kl", "reverse_kl", "jeffreys", "jensen_shannon"]
 BETA = 0.3  # a mixture weight that is not symmetric, so the two roles are checked
