@@ -250,10 +250,15 @@ _SMALL_KL = 0.1
 
 def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
     """`sum(c * x**n for n, c in enumerate(coefficients))`, by Horner's rule."""
-    result = coefficients[-1] + 0.0 * x
+    result: Any = coefficients[-1]
     for c in reversed(coefficients[:-1]):
         result = c + x * result
     return result
+
+
+def _phi_series(x: Tensor) -> Tensor:
+    """`e^x - 1 - x` by its Taylor polynomial to x¹⁰, for |x| < 0.5 (`_expm1_minus_identity`)."""
+    return x * x * _polynomial(x, _PHI_COEFFICIENTS)
 
 
 def _two_difference(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -290,6 +295,7 @@ class LogRatio(NamedTuple):
     """
 
     log_p: Tensor
+    p: Tensor
     log_q: Tensor
     log_ratio: Tensor
     kl: Tensor
@@ -344,7 +350,7 @@ def log_ratio(
     descale = ops.exp(-scale)
     near = ops.logical_and(ops.abs(u) < _SERIES_BELOW, ops.logical_not(masked))
     near_u = ops.where(near, u, 0.0)
-    near_terms = p * (near_u * near_u * _polynomial(near_u, _PHI_COEFFICIENTS))
+    near_terms = p * _phi_series(near_u)
     far_terms = ops.exp(log_weighted - scale) - p * (1.0 + u) * descale
     terms = ops.where(near, near_terms * descale, far_terms)
     # Divided by sum(p), 1 but for the rounding of log P (one ulp of the log-sum-exp,
@@ -363,7 +369,7 @@ def log_ratio(
     kl = ops.where(ops.any(lost, axis=axis, keepdims=True), float("inf"), kl)
     kl = ops.where(kl < 0, 0.0, kl)  # rounding below 0 (never in a test); NaN is kept
     log_q = log_weighted - log_total
-    return LogRatio(log_p, log_q, ops.where(masked, 0.0, u - log_total), kl)
+    return LogRatio(log_p, p, log_q, ops.where(masked, 0.0, u - log_total), kl)
 
 
 def _weighted_phi(weight: Tensor, y: Tensor, weighted_exp: Tensor) -> Tensor:
@@ -459,8 +465,8 @@ def _against_target(y_true: Tensor, logits: Tensor, axis: int) -> _TargetRatio:
     log_p = _target_log_weights(y_true)
     core = log_ratio(log_p, logits, axis)
     q = ops.exp(core.log_q)
-    # sum(p) - 1: a float32 sum near 1 rounds to a multiple of 6e-8, the limit of the plain
-    # formula's dependence on it for a rounded target (the numerics guide).
+    # sum(p) - 1: a float32 sum near 1 resolves it only to its ulp (6e-8 below 1, 1.2e-7
+    # above), the limit of the plain formula's term in it for a rounded target (the guide).
     # Zero targets enter the sum times 0: their gradient is 0 (0·log 0 = 0), and NaN when
     # the distribution's value is NaN (a `where` would give them 0 there on some backends).
     nonzero = ops.cast(y_true != 0, y_true.dtype)
@@ -578,7 +584,8 @@ def distillation_from_logits(
       beta·q·φ(log(m / q))). Every term is >= 0, φ(x) = e^x - 1 - x.
     - Teacher logits of `-inf` (masked entries): exact for `"kl"` and `"jensen_shannon"`.
       For `"reverse_kl"` and `"jeffreys"` the true value is infinite wherever the student
-      puts mass there, so log P is floored at `log(epsilon)` (derivative 0 below it).
+      puts mass there, so log P of a masked entry is taken as `log(epsilon)` (derivative
+      0); every finite teacher logit keeps its own log P.
     """
     if divergence == "jensen_shannon" and beta == 0.0:
         divergence = "kl"
@@ -587,7 +594,7 @@ def distillation_from_logits(
     core = log_ratio(teacher_logits, student_logits, axis, temperature)
     if divergence == "kl":
         return _squeeze(temperature**2 * core.kl, axis)
-    p, q = ops.exp(core.log_p), ops.exp(core.log_q)
+    p, q = core.p, ops.exp(core.log_q)
     if divergence == "jensen_shannon":
         terms = _jensen_shannon_terms(p, q, core.log_p, core.log_q, core.log_ratio, beta)
     else:
@@ -635,14 +642,11 @@ def _expm1_minus_identity(x: Tensor) -> Tensor:
     first omitted term is below 1e-10 relative there. A
     double `where` keeps either branch's derivatives out of the other's entries.
     """
-    small = ops.abs(x) < 0.5
+    small = ops.abs(x) < _SERIES_BELOW
     near = ops.where(small, x, 0.0)
     # Above 1e4 e^x is inf anyway; capping x there keeps inf - inf out of +inf.
     far = ops.where(small, 1.0, ops.where(x > 1e4, 1e4, x))
-    series = 1 / math.factorial(10)
-    for n in range(9, 1, -1):
-        series = 1 / math.factorial(n) + near * series
-    return ops.where(small, near * near * series, ops.expm1(far) - far)
+    return ops.where(small, _phi_series(near), ops.expm1(far) - far)
 
 
 def gaussian_kl(
