@@ -1,8 +1,8 @@
 """The exact forms that run fastest on each backend's engine.
 
-Everything in kl_keras is `keras.ops`; what differs between backends is only which of
-two exact forms of the same function is cheaper, and every derivative mode stays the
-backend's own. XLA (TensorFlow with `jit_compile`, JAX) fuses a chain of elementwise
+Everything in kl_keras is `keras.ops`; what differs between backends is which of two
+exact forms of the same function is cheaper, and how a closed-form first derivative is
+registered with each backend's autodiff (`with_derivatives`). XLA (TensorFlow with `jit_compile`, JAX) fuses a chain of elementwise
 ops into one pass; PyTorch runs op by op, each op a kernel that writes a full-size
 temporary, so there the fused `log_sigmoid` kernel (one pass forward, one backward,
 with forward-mode, second-order and `torch.func` rules) wins. Measured in
@@ -10,10 +10,17 @@ BENCHMARKS.md. (The log-softmax of every divergence from logits is the core's ow
 `kl_keras.divergence.log_ratio`, the same on every backend.)
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import keras
 from keras import ops
 
 from kl_keras._types import Tensor
+
+# (a, b, derivatives) -> (value, d value / d a, d value / d b); the two are None when
+# `derivatives` is False. See `with_derivatives`.
+ValueAndDerivatives = Callable[[Tensor, Tensor, bool], tuple[Tensor, Any, Any]]
 
 
 def op_by_op() -> bool:
@@ -37,3 +44,107 @@ def log_sigmoids(logits: Tensor) -> Tensor:
     softplus_of_negative_abs = ops.log1p(ops.exp(ops.where(positive, -logits, logits)))
     log_on = ops.where(positive, 0.0, logits) - softplus_of_negative_abs
     return log_on, -ops.relu(logits) - softplus_of_negative_abs
+
+
+def with_derivatives(function: ValueAndDerivatives, a: Tensor, b: Tensor, axis: int) -> Tensor:
+    """`function(a, b, False)[0]`, a value per row, whose first derivatives are the closed
+    forms that `function(a, b, True)` gives, in every autodiff mode.
+
+    `function` returns the value with `axis` kept and, when asked, its derivatives with
+    respect to each entry of `a` and of `b` (their shape, which must be the same). The
+    backend's autodiff never traces the value itself: reverse mode multiplies the
+    derivatives by the cotangent of each row, forward mode sums them against the tangents,
+    and second order differentiates `function`'s derivatives with the backend's own
+    autodiff (so a closed form must itself be differentiable, as `keras.ops` are).
+    Vectorising maps see the same rule. Each backend registers it with its own engine:
+    a JAX `custom_jvp`, a PyTorch `autograd.Function` (forward AD, double backward,
+    `torch.func`), a TensorFlow `custom_gradient` (the gradient recomputes the derivatives
+    from the inputs, so nested tapes and `ForwardAccumulator` see them as functions of the
+    inputs; XLA merges that recomputation with the forward pass).
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_rule(function, axis)(a, b)
+    if backend == "torch":
+        return _torch_rule().apply(a, b, function, axis)[0]
+    if backend == "tensorflow":
+        return _tensorflow_rule(function, a, b)
+    return function(a, b, False)[0]  # pragma: no cover - another backend's own autodiff
+
+
+def _jax_rule(function: ValueAndDerivatives, axis: int) -> Any:
+    import jax
+
+    @jax.custom_jvp
+    def value(a: Tensor, b: Tensor) -> Tensor:
+        return function(a, b, False)[0]
+
+    @value.defjvp
+    def value_jvp(primals: Any, tangents: Any) -> Any:
+        result, d_a, d_b = function(*primals, True)
+        tangent_a, tangent_b = tangents
+        return result, ops.sum(d_a * tangent_a + d_b * tangent_b, axis=axis, keepdims=True)
+
+    return value
+
+
+def _tensorflow_rule(function: ValueAndDerivatives, a: Tensor, b: Tensor) -> Tensor:
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def value(a: Tensor, b: Tensor) -> Any:
+        def gradient(upstream: Tensor) -> tuple[Tensor, Tensor]:
+            _, d_a, d_b = function(a, b, True)
+            return upstream * d_a, upstream * d_b
+
+        return function(a, b, False)[0], gradient
+
+    return value(a, b)
+
+
+_TORCH_RULE: Any = None
+
+
+def _torch_rule() -> Any:
+    """The `autograd.Function`, defined once on first use (torch is imported only then)."""
+    global _TORCH_RULE
+    if _TORCH_RULE is not None:
+        return _TORCH_RULE
+    import torch
+
+    class WithDerivatives(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(a: Any, b: Any, function: ValueAndDerivatives, axis: int) -> Any:
+            return function(a, b, True)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            a, b, function, axis = inputs
+            _, d_a, d_b = output
+            ctx.function, ctx.axis = function, axis
+            ctx.mark_non_differentiable(d_a, d_b)
+            ctx.save_for_backward(a, b, d_a, d_b)
+            ctx.save_for_forward(d_a, d_b)
+
+        @staticmethod
+        def backward(ctx: Any, upstream: Any, *_: Any) -> Any:
+            a, b, d_a, d_b = ctx.saved_tensors
+            if torch.is_grad_enabled():
+                # A double backward (create_graph=True): the derivatives as functions of
+                # the inputs, so that they are differentiated in turn.
+                _, d_a, d_b = ctx.function(a, b, True)
+            return upstream * d_a, upstream * d_b, None, None
+
+        @staticmethod
+        def jvp(ctx: Any, tangent_a: Any, tangent_b: Any, *_: Any) -> Any:
+            d_a, d_b = ctx.saved_tensors
+            total = 0.0
+            for derivative, tangent in ((d_a, tangent_a), (d_b, tangent_b)):
+                if tangent is not None:
+                    total = total + torch.sum(derivative * tangent, dim=ctx.axis, keepdim=True)
+            return total, None, None
+
+    _TORCH_RULE = WithDerivatives
+    return _TORCH_RULE

@@ -1,9 +1,10 @@
-"""Both forms of `kl_keras._kernels` on every backend: the one this backend runs, and the other.
+"""`kl_keras._kernels` on every backend: both exact forms, and the closed-form derivatives.
 
-PyTorch runs the fused log-softmax / log-sigmoid and the entropy - cross form of KL from
-logits; TensorFlow and JAX run `z - logsumexp(z)` and one log ratio. Each form is forced here
-on the current backend, so both are checked against float64 on all three, and the two must
-give the same gradients.
+The log-sigmoids of binary KL have two forms (PyTorch's fused kernels, XLA's shared
+`log1p(exp(-|z|))`); each is forced here on the current backend, so both are checked
+against float64 on all three, and the two must give the same gradients. KL from logits
+has one form, differentiated by its closed form (`with_derivatives`): those derivatives
+must be the ones the backend's own autodiff traces through the core they replace.
 """
 
 import keras
@@ -13,7 +14,7 @@ from helpers import value_and_grad
 from scipy.special import expit, rel_entr, softmax
 
 import kl_keras
-from kl_keras import _kernels
+from kl_keras import _kernels, divergence
 
 RNG = np.random.default_rng(13)
 P = RNG.dirichlet(np.full(7, 0.5), size=5).astype("float32")
@@ -98,3 +99,37 @@ def test_masked_classes_and_invalid_rows(form):
     )
     assert grad_z[0, 1] == 0.0 and np.all(np.isfinite(grad_z[0]))
     assert np.all(np.isnan(grad_z[1:]))
+
+
+def rule_inputs(kind):
+    rng = np.random.default_rng(5)
+    teacher = rng.normal(scale=2.0, size=(4, 9)).astype("float32")
+    noise = rng.normal(size=(4, 9)).astype("float32")
+    if kind == "far":
+        return teacher, noise
+    if kind == "close":
+        return teacher, teacher + np.float32(1e-3) * noise
+    if kind == "offset":  # a constant between the rows, and close
+        return teacher, teacher + np.float32(30.0) + np.float32(1e-3) * noise
+    teacher[0, [1, 4]] = -np.inf  # masked teacher entries, one with the student masked too
+    student = teacher + noise
+    student[0, 4] = -np.inf
+    return teacher, student
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("kind", ["far", "close", "offset", "masked"])
+def test_closed_form_derivatives_are_those_of_the_traced_core(kind, temperature):
+    a, b = rule_inputs(kind)
+    value, (grad_a, grad_b) = value_and_grad(
+        lambda a, b: divergence.exact_kl(a, b, -1, temperature), a, b
+    )
+    traced, (traced_a, traced_b) = value_and_grad(
+        lambda a, b: divergence.log_ratio(a, b, -1, temperature).kl, a, b
+    )
+    np.testing.assert_allclose(value, traced, rtol=1e-6)  # the same forward pass
+    for grad, expected in ((grad_a, traced_a), (grad_b, traced_b)):
+        scale = np.max(np.abs(expected))
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6 * scale)
+    if kind == "masked":
+        assert grad_a[0, 1] == 0.0 and grad_b[0, 4] == 0.0 and np.all(np.isfinite(grad_b))
