@@ -1,13 +1,14 @@
-"""The exact forms that run fastest on each backend's engine.
+"""What each backend's engine needs: the faster of two exact forms, and derivative rules.
 
 Everything in kl_keras is `keras.ops`; what differs between backends is which of two
 exact forms of the same function is cheaper, and how a closed-form first derivative is
-registered with each backend's autodiff (`with_derivatives`). XLA (TensorFlow with `jit_compile`, JAX) fuses a chain of elementwise
-ops into one pass; PyTorch runs op by op, each op a kernel that writes a full-size
-temporary, so there the fused `log_sigmoid` kernel (one pass forward, one backward,
-with forward-mode, second-order and `torch.func` rules) wins. Measured in
-BENCHMARKS.md. (The log-softmax of every divergence from logits is the core's own,
-`kl_keras.divergence.log_ratio`, the same on every backend.)
+registered with each backend's autodiff (`with_derivatives`). XLA (TensorFlow with
+`jit_compile`, JAX) fuses a chain of elementwise ops into one pass; PyTorch runs op by
+op, each op a kernel that writes a full-size temporary, so there the fused `log_sigmoid`
+kernel (one pass forward, one backward, with forward-mode, second-order and `torch.func`
+rules) wins. KL from logits is one form on every backend (the core,
+`kl_keras.divergence.log_ratio`), differentiated by its closed form rather than traced
+back through the core. Measured in BENCHMARKS.md.
 """
 
 from collections.abc import Callable
@@ -57,10 +58,12 @@ def with_derivatives(function: ValueAndDerivatives, a: Tensor, b: Tensor, axis: 
     and second order differentiates `function`'s derivatives with the backend's own
     autodiff (so a closed form must itself be differentiable, as `keras.ops` are).
     Vectorising maps see the same rule. Each backend registers it with its own engine:
-    a JAX `custom_jvp`, a PyTorch `autograd.Function` (forward AD, double backward,
-    `torch.func`), a TensorFlow `custom_gradient` (the gradient recomputes the derivatives
-    from the inputs, so nested tapes and `ForwardAccumulator` see them as functions of the
-    inputs; XLA merges that recomputation with the forward pass).
+    a JAX `custom_jvp`; a PyTorch `autograd.Function` (forward AD, double backward,
+    `torch.func`; a double backward recomputes the derivatives from the inputs); a
+    TensorFlow `custom_gradient` (a tape around the first one records the ops that compute
+    the derivatives, so nested tapes see them as functions of the inputs, eagerly, in
+    `tf.function` and under XLA; `ForwardAccumulator` does not use the rule, it
+    differentiates the forward ops).
     """
     backend = keras.backend.backend()
     if backend == "jax":
@@ -81,8 +84,9 @@ def _jax_rule(function: ValueAndDerivatives, axis: int) -> Any:
 
     @value.defjvp
     def value_jvp(primals: Any, tangents: Any) -> Any:
-        result, d_a, d_b = function(*primals, True)
+        a, b = primals
         tangent_a, tangent_b = tangents
+        result, d_a, d_b = function(a, b, True)
         return result, ops.sum(d_a * tangent_a + d_b * tangent_b, axis=axis, keepdims=True)
 
     return value
@@ -93,11 +97,12 @@ def _tensorflow_rule(function: ValueAndDerivatives, a: Tensor, b: Tensor) -> Ten
 
     @tf.custom_gradient
     def value(a: Tensor, b: Tensor) -> Any:
+        result, d_a, d_b = function(a, b, True)
+
         def gradient(upstream: Tensor) -> tuple[Tensor, Tensor]:
-            _, d_a, d_b = function(a, b, True)
             return upstream * d_a, upstream * d_b
 
-        return function(a, b, False)[0], gradient
+        return result, gradient
 
     return value(a, b)
 
@@ -140,7 +145,7 @@ def _torch_rule() -> Any:
         @staticmethod
         def jvp(ctx: Any, tangent_a: Any, tangent_b: Any, *_: Any) -> Any:
             d_a, d_b = ctx.saved_tensors
-            total = 0.0
+            total: Any = 0.0
             for derivative, tangent in ((d_a, tangent_a), (d_b, tangent_b)):
                 if tangent is not None:
                     total = total + torch.sum(derivative * tangent, dim=ctx.axis, keepdim=True)
