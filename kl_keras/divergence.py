@@ -4,7 +4,9 @@ Everything here is written with `keras.ops` alone, so it runs unchanged on the
 TensorFlow, JAX and PyTorch backends, and every derivative is traced by the
 backend's own autodiff: reverse mode, forward mode, second order and
 vectorising maps (`jax.vmap`, `torch.func`, `tf.vectorized_map`) all see the
-same formula. The functions take tensors whose arguments were already checked
+same formula. The one exception is KL from logits, whose first derivative is its
+closed form (`exact_kl`, registered per backend by `kl_keras._kernels`); its
+second derivative is again traced. The functions take tensors whose arguments were already checked
 by the caller (see `kl_keras.losses` and `kl_keras.regularizers`) and hold no
 state.
 
@@ -633,7 +635,8 @@ def distillation_from_logits(
     if divergence == "jensen_shannon" and beta == 1.0:
         divergence = "reverse_kl"
     if divergence == "kl":
-        return _squeeze(temperature**2 * exact_kl(teacher_logits, student_logits, axis, temperature), axis)
+        kl = exact_kl(teacher_logits, student_logits, axis, temperature)
+        return _squeeze(temperature**2 * kl, axis)
     core = log_ratio(teacher_logits, student_logits, axis, temperature)
     p, q = core.p, ops.exp(core.log_q)
     if divergence == "jensen_shannon":
