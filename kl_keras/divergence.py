@@ -374,6 +374,14 @@ def log_ratio(
     return LogRatio(log_p, p, log_q, ops.where(masked, 0.0, u - log_total), kl)
 
 
+def _q_minus_p(p: Tensor, q: Tensor, ell: Tensor) -> Tensor:
+    """`q - p` with ℓ = log(q / p): `p * expm1(ℓ)` where ℓ < 0.5 (exact for close rows, where
+    the plain difference would lose its digits), `q - p` elsewhere (no cancellation there, and
+    no overflow where p is tiny)."""
+    close = ops.logical_and(ell < _SERIES_BELOW, p > 0)
+    return ops.where(close, p * ops.expm1(ops.where(close, ell, 0.0)), q - p)
+
+
 def _kl_and_derivatives(
     a: Tensor, b: Tensor, derivatives: bool, axis: int, temperature: float
 ) -> tuple[Tensor, Any, Any]:
@@ -383,18 +391,22 @@ def _kl_and_derivatives(
     d kl / d b = (q - p) / T
     d kl / d a = -p * (log(q / p) + kl) / T
     ```
-
-    `q - p` is `p * expm1(ℓ)` where ℓ = log(q / p) < 0.5 (exact for close rows, where the
-    plain difference would lose its digits) and `q - p` elsewhere (no cancellation there,
-    and no overflow where p is tiny).
     """
     core = log_ratio(a, b, axis, temperature)
     if not derivatives:
         return core.kl, None, None
     p, ell = core.p, core.log_ratio
-    close = ops.logical_and(ell < _SERIES_BELOW, p > 0)
-    gap = ops.where(close, p * ops.expm1(ops.where(close, ell, 0.0)), ops.exp(core.log_q) - p)
-    return core.kl, -p * (ell + core.kl) / temperature, gap / temperature
+    difference = _q_minus_p(p, ops.exp(core.log_q), ell)
+    return core.kl, -p * (ell + core.kl) / temperature, difference / temperature
+
+
+def _with_closed_form(
+    function: _kernels.ValueAndDerivatives, a: Tensor, b: Tensor, axis: int
+) -> Tensor:
+    """`function`'s value, differentiated by its closed form (`_kernels.with_derivatives`)."""
+    if tuple(a.shape) != tuple(b.shape):
+        a, b = a + ops.zeros_like(b), b + ops.zeros_like(a)
+    return _kernels.with_derivatives(function, a, b, axis)
 
 
 def exact_kl(a: Tensor, b: Tensor, axis: int, temperature: float = 1.0) -> Tensor:
@@ -404,13 +416,11 @@ def exact_kl(a: Tensor, b: Tensor, axis: int, temperature: float = 1.0) -> Tenso
     each backend's autodiff by `_kernels.with_derivatives`) instead of being traced back
     through the core, which costs several times the forward pass.
     """
-    if tuple(a.shape) != tuple(b.shape):
-        a, b = a + ops.zeros_like(b), b + ops.zeros_like(a)
 
     def function(a: Tensor, b: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
         return _kl_and_derivatives(a, b, derivatives, axis, temperature)
 
-    return _kernels.with_derivatives(function, a, b, axis)
+    return _with_closed_form(function, a, b, axis)
 
 
 def _weighted_phi(weight: Tensor, y: Tensor, weighted_exp: Tensor) -> Tensor:
@@ -537,6 +547,100 @@ def kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     return _squeeze(mass * kl + mass * ops.log1p(mass - 1.0), axis)
 
 
+def _log_gap(
+    q_is_zero: Tensor, log_q: Tensor, log_floor: Tensor, ell: Tensor, floored: Tensor
+) -> Tensor:
+    """g = log q - log p̂ (p̂: p floored where `floored`): ℓ (exact) where nothing is floored,
+    0 where q = 0 (its weight)."""
+    return ops.where(q_is_zero, 0.0, ops.where(floored, log_q - log_floor, ell))
+
+
+def _floored_terms(
+    divergence: str,
+    p: Tensor,
+    q: Tensor,
+    log_floor: Tensor,
+    log_q: Tensor,
+    ell: Tensor,
+    floored: Tensor,
+    axis: int,
+) -> Tensor:
+    """Sum over `axis` of the reverse KL or Jeffreys terms (see `_reverse_terms`)."""
+    form = _reverse_terms if divergence == "reverse_kl" else _jeffreys_terms
+    return ops.sum(form(p, q, log_floor, log_q, ell, floored), axis=axis, keepdims=True)
+
+
+def _floored_from_target(divergence: str, y_true: Tensor, logits: Tensor, axis: int) -> Tensor:
+    """Reverse KL or Jeffreys of a probability target against softmax(logits), per row, with
+    the closed-form derivatives (R = the reverse KL, g = log q - log max(y, ε), Y = sum(y)):
+
+    ```python
+    reverse:  d / d logits = q * (g - R)                        d / d y = -q / max(y, ε)
+    jeffreys: d / d logits = q * (g - R) + q * (Y - 1) + (q - y)  d / d y = -g - (q - y) / max(y, ε)
+    ```
+    """
+
+    def function(y_true: Tensor, logits: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
+        t = _against_target(y_true, logits, axis)
+        log_floor, floored = _floored_log(y_true)
+        value = _floored_terms(divergence, t.p, t.q, log_floor, t.log_q, t.log_ratio, floored, axis)
+        if divergence == "reverse_kl":
+            value = value - t.excess  # the terms add sum(y) - 1 (see `_reverse_terms`)
+        if not derivatives:
+            return value, None, None
+        q_is_zero = t.log_q == float("-inf")
+        gap = _log_gap(q_is_zero, t.log_q, log_floor, t.log_ratio, floored)
+        if divergence == "reverse_kl":
+            return value, -ops.where(q_is_zero, 0.0, ops.exp(gap)), t.q * (gap - value)
+        reverse = ops.sum(t.q * gap, axis=axis, keepdims=True)
+        difference = _q_minus_p(t.p, t.q, t.log_ratio)
+        d_logits = t.q * (gap - reverse) + t.q * t.excess + difference
+        return value, -gap - difference / ops.exp(log_floor), d_logits
+
+    return _with_closed_form(function, y_true, logits, axis)
+
+
+def _floored_distillation(
+    divergence: str, teacher: Tensor, student: Tensor, axis: int, temperature: float
+) -> Tensor:
+    """Reverse KL or Jeffreys of softmax(teacher / T) and softmax(student / T) per row, log P
+    floored at log ε where it is -inf, with the closed-form derivatives (R = the reverse KL,
+    g = log q - log p̂, m = the student's mass on the floored entries):
+
+    ```python
+    reverse:  d / d student = q * (g - R) / T     d / d teacher = -((q - p) + p * m) / T
+    jeffreys: those plus KL's, (q - p) / T and -p * (log(q / p) + KL) / T
+    ```
+    (d / d teacher is 0 on the floored entries.)
+    """
+
+    def function(a: Tensor, b: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
+        core = log_ratio(a, b, axis, temperature)
+        p, q = core.p, ops.exp(core.log_q)
+        floored = core.log_p == float("-inf")
+        log_floor = ops.where(floored, math.log(keras.config.epsilon()), core.log_p)
+        value = _floored_terms(
+            divergence, p, q, log_floor, core.log_q, core.log_ratio, floored, axis
+        )
+        if not derivatives:
+            return value, None, None
+        q_is_zero = core.log_q == float("-inf")
+        gap = _log_gap(q_is_zero, core.log_q, log_floor, core.log_ratio, floored)
+        difference = _q_minus_p(p, q, core.log_ratio)
+        reverse = value
+        if divergence == "jeffreys":
+            reverse = ops.sum(q * gap, axis=axis, keepdims=True)
+        masked_mass = ops.sum(ops.where(floored, q, 0.0), axis=axis, keepdims=True)
+        d_b = q * (gap - reverse)
+        d_a = ops.where(floored, 0.0, -difference - p * masked_mass)
+        if divergence == "jeffreys":
+            d_b = d_b + difference
+            d_a = d_a - p * (core.log_ratio + core.kl)
+        return value, d_a / temperature, d_b / temperature
+
+    return _with_closed_form(function, teacher, student, axis)
+
+
 def reverse_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     """KL(softmax(logits) ‖ y_true), with `y_true` floored at epsilon inside the log.
 
@@ -547,10 +651,7 @@ def reverse_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Te
     Computed as sum(q·φ(log(y_true / q))) + 1 - sum(y_true), φ(x) = e^x - 1 - x, a sum of
     non-negative terms (see `log_ratio`).
     """
-    t = _against_target(y_true, logits, axis)
-    log_floor, floored = _floored_log(y_true)
-    terms = _reverse_terms(t.p, t.q, log_floor, t.log_q, t.log_ratio, floored)
-    return _squeeze(ops.sum(terms, axis=axis, keepdims=True) - t.excess, axis)
+    return _squeeze(_floored_from_target("reverse_kl", y_true, logits, axis), axis)
 
 
 def jeffreys_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
@@ -563,10 +664,7 @@ def jeffreys_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tens
     Each term is p·ℓ·(e^ℓ - 1) >= 0, ℓ = log(q / p) exact (see `log_ratio`). A logit of
     `-inf` (q = 0) is allowed wherever `y_true` is 0.
     """
-    t = _against_target(y_true, logits, axis)
-    log_floor, floored = _floored_log(y_true)
-    terms = _jeffreys_terms(t.p, t.q, log_floor, t.log_q, t.log_ratio, floored)
-    return _squeeze(ops.sum(terms, axis=axis, keepdims=True), axis)
+    return _squeeze(_floored_from_target("jeffreys", y_true, logits, axis), axis)
 
 
 def jensen_shannon_from_logits(
@@ -637,16 +735,13 @@ def distillation_from_logits(
     if divergence == "kl":
         kl = exact_kl(teacher_logits, student_logits, axis, temperature)
         return _squeeze(temperature**2 * kl, axis)
+    if divergence != "jensen_shannon":
+        # Only masked entries (log P = -inf) are floored: a finite logit keeps its own log P.
+        value = _floored_distillation(divergence, teacher_logits, student_logits, axis, temperature)
+        return _squeeze(temperature**2 * value, axis)
     core = log_ratio(teacher_logits, student_logits, axis, temperature)
     p, q = core.p, ops.exp(core.log_q)
-    if divergence == "jensen_shannon":
-        terms = _jensen_shannon_terms(p, q, core.log_p, core.log_q, core.log_ratio, beta)
-    else:
-        # Only masked entries (log P = -inf) are floored: a finite logit keeps its own log P.
-        floored = core.log_p == float("-inf")
-        log_floor = ops.where(floored, math.log(keras.config.epsilon()), core.log_p)
-        form = _reverse_terms if divergence == "reverse_kl" else _jeffreys_terms
-        terms = form(p, q, log_floor, core.log_q, core.log_ratio, floored)
+    terms = _jensen_shannon_terms(p, q, core.log_p, core.log_q, core.log_ratio, beta)
     return _squeeze(temperature**2 * ops.sum(terms, axis=axis, keepdims=True), axis)
 
 
