@@ -4,11 +4,12 @@ Everything here is written with `keras.ops` alone, so it runs unchanged on the
 TensorFlow, JAX and PyTorch backends, and every derivative is traced by the
 backend's own autodiff: reverse mode, forward mode, second order and
 vectorising maps (`jax.vmap`, `torch.func`, `tf.vectorized_map`) all see the
-same formula. The one exception is KL from logits, whose first derivative is its
-closed form (`exact_kl`, registered per backend by `kl_keras._kernels`); its
-second derivative is again traced. The functions take tensors whose arguments were already checked
-by the caller (see `kl_keras.losses` and `kl_keras.regularizers`) and hold no
-state.
+same formula. The exceptions are KL, reverse KL and Jeffreys from logits, whose
+first derivatives are their closed forms (`exact_kl`, `_floored_from_target`,
+`_floored_distillation`, registered per backend by `kl_keras._kernels`); their
+second derivatives are traced again. The functions take tensors whose arguments
+were already checked by the caller (see `kl_keras.losses` and
+`kl_keras.regularizers`) and hold no state.
 
 Numerical conventions, shared by every function in this module:
 
