@@ -415,7 +415,7 @@ def exact_kl(a: Tensor, b: Tensor, axis: int, temperature: float = 1.0) -> Tenso
 
     The same value; its first derivatives come from `_kl_and_derivatives` (registered with
     each backend's autodiff by `_kernels.with_derivatives`) instead of being traced back
-    through the core, which costs several times the forward pass.
+    through the core (what that saves on each backend: BENCHMARKS.md).
     """
 
     def function(a: Tensor, b: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
@@ -513,16 +513,23 @@ class _TargetRatio(NamedTuple):
     excess: Tensor  # sum(p) - 1
 
 
+def _target_mass(y_true: Tensor, axis: int) -> Tensor:
+    """sum(y_true) over `axis`, kept: the Z of a probability target that need not sum to 1.
+
+    A float32 sum near 1 resolves Z - 1 only to its ulp (6e-8 below 1, 1.2e-7 above), the
+    limit of the plain formula's term in it for a rounded target (the guide). Zero targets
+    enter the sum times 0: their gradient is 0 (0·log 0 = 0), and NaN when the
+    distribution's value is NaN (a `where` would give them 0 there on some backends).
+    """
+    nonzero = ops.cast(y_true != 0, y_true.dtype)
+    return ops.sum(y_true * nonzero, axis=axis, keepdims=True)
+
+
 def _against_target(y_true: Tensor, logits: Tensor, axis: int) -> _TargetRatio:
     log_p = _target_log_weights(y_true)
     core = log_ratio(log_p, logits, axis)
     q = ops.exp(core.log_q)
-    # sum(p) - 1: a float32 sum near 1 resolves it only to its ulp (6e-8 below 1, 1.2e-7
-    # above), the limit of the plain formula's term in it for a rounded target (the guide).
-    # Zero targets enter the sum times 0: their gradient is 0 (0·log 0 = 0), and NaN when
-    # the distribution's value is NaN (a `where` would give them 0 there on some backends).
-    nonzero = ops.cast(y_true != 0, y_true.dtype)
-    mass = ops.sum(y_true * nonzero, axis=axis, keepdims=True)
+    mass = _target_mass(y_true, axis)
     excess = mass - 1.0
     # log(q / p) of the plain (unnormalized) p: the normalized ratio less log(sum(p)).
     ell = ops.where(y_true == 0, 0.0, core.log_ratio - ops.log1p(excess))
@@ -542,8 +549,7 @@ def kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
     plain formula's value for unnormalized targets. Nothing is clipped; a logit of -inf
     is allowed wherever `y_true` is 0 (a masked class).
     """
-    nonzero = ops.cast(y_true != 0, y_true.dtype)  # as in `_against_target`
-    mass = ops.sum(y_true * nonzero, axis=axis, keepdims=True)
+    mass = _target_mass(y_true, axis)
     kl = exact_kl(_target_log_weights(y_true), logits, axis)
     return _squeeze(mass * kl + mass * ops.log1p(mass - 1.0), axis)
 
