@@ -68,6 +68,19 @@ def check_weight(name: str, value: Any) -> float:
     return check_real(name, value, "a finite float >= 0", lambda v: 0.0 <= v < float("inf"))
 
 
+def check_temperature(value: Any) -> float:
+    """The temperature of a distillation: a finite number > 0."""
+    return check_real("temperature", value, "a finite number > 0", lambda v: 0.0 < v < float("inf"))
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Returns `value` if it is one of `choices` (strings), naming them all otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(choice) for choice in choices)
+        raise _invalid(name, f"one of {valid}", value)
+    return value
+
+
 def check_beta(value: Any) -> float:
     """The mixture weight of the Jensen-Shannon divergence: a float in [0, 1]."""
     return check_real("beta", value, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)

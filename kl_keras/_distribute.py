@@ -19,18 +19,27 @@ from keras import ops
 from kl_keras._types import Tensor
 
 
-def global_sum_and_count(x: Tensor, axis: tuple[int, ...]) -> Tensor:
+def global_sum_and_count(
+    x: Tensor, axis: tuple[int, ...], weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """`ops.sum(x, axis)` and the number of entries summed into each value.
 
-    Both are over the global batch, also inside a tf.distribute replica, where
-    each replica holds only its slice: the sums and counts are all-reduced.
+    With `weights` (one per position, the shape of `x` with its last axis 1, for `axis`
+    every axis but the last) the sum is weighted and the count is the sum of the weights;
+    an entry of weight 0 is left out, whatever its value. Both are over the global batch,
+    also inside a tf.distribute replica, where each replica holds only its slice: the sums
+    and counts are all-reduced.
     """
-    shape = ops.shape(x)
-    count = 1
-    for dimension in axis:
-        count = count * shape[dimension]
-    total = ops.sum(x, axis=axis)
-    count = ops.cast(count, x.dtype)
+    if weights is None:
+        shape = ops.shape(x)
+        count = 1
+        for dimension in axis:
+            count = count * shape[dimension]
+        total = ops.sum(x, axis=axis)
+        count = ops.cast(count, x.dtype)
+    else:
+        total = ops.sum(ops.where(weights > 0, x, 0.0) * weights, axis=axis)
+        count = ops.sum(weights)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

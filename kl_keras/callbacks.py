@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from kl_keras import _checks
-from kl_keras.layers import KLActivityRegularization, VariationalSampling
+from kl_keras.layers import _StatefulKLLayer, sparsity_logs
 from kl_keras.regularizers import KLActivityRegularizer
 
 __all__ = ["KLMonitor"]
@@ -35,20 +35,6 @@ def _numpy(variable: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable), "float64")
 
 
-def _sparsity_logs(layer: KLActivityRegularization, dead_threshold: float) -> dict[str, float]:
-    state = layer.statistics()
-    if state["activation_count"] == 0:
-        return {}
-    rho_hat = np.atleast_1d(state["activation_sum"] / state["activation_count"])
-    return {
-        "rho_hat": float(rho_hat.mean()),
-        "rho_hat_min": float(rho_hat.min()),
-        "rho_hat_max": float(rho_hat.max()),
-        "dead_units": float(np.mean(rho_hat < dead_threshold)),
-        "penalty": float(state["penalty_sum"] / state["batch_count"]),
-    }
-
-
 def _regularizer_logs(
     layer: keras.layers.Layer, activations: np.ndarray, dead_threshold: float
 ) -> dict[str, float]:
@@ -60,27 +46,7 @@ def _regularizer_logs(
     clipped = np.clip(rho_hat, epsilon, 1.0 - epsilon)
     rho = regularizer.rho
     kl = rho * np.log(rho / clipped) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - clipped))
-    return {
-        "rho_hat": float(rho_hat.mean()),
-        "rho_hat_min": float(rho_hat.min()),
-        "rho_hat_max": float(rho_hat.max()),
-        "dead_units": float(np.mean(rho_hat < dead_threshold)),
-        "penalty": float(regularizer.beta * kl.sum()),
-    }
-
-
-def _latent_logs(layer: VariationalSampling, active_threshold: float) -> dict[str, float]:
-    state = layer.statistics()
-    count = state["sample_count"]
-    if count == 0:
-        return {}
-    kl_per_dimension = state["kl_sum"] / count
-    return {
-        "kl": float(kl_per_dimension.sum()),
-        "kl_min": float(kl_per_dimension.min()),
-        "kl_max": float(kl_per_dimension.max()),
-        "active_units": int(np.sum(state["mean_m2"] / count > active_threshold)),
-    }
+    return sparsity_logs(rho_hat, regularizer.beta * kl.sum(), dead_threshold)
 
 
 class KLMonitor(keras.callbacks.Callback):
@@ -155,35 +121,27 @@ class KLMonitor(keras.callbacks.Callback):
         self._validation_logs: dict[str, float] | None = None
         self._fitting = False
 
-    def _monitored(self) -> Iterator[tuple[keras.layers.Layer, str]]:
+    def _monitored(self) -> Iterator[_StatefulKLLayer]:
+        """The built kl_keras layers that keep statistics, nested models included."""
         for layer in _layers(self.model):
-            if isinstance(layer, KLActivityRegularization):
-                yield layer, "sparsity"
-            elif isinstance(layer, VariationalSampling):
-                yield layer, "latent"
+            if isinstance(layer, _StatefulKLLayer) and layer.built:
+                yield layer
 
     def _read(self) -> dict[str, float]:
         logs = {}
-        for layer, kind in self._monitored():
-            if not layer.built:
-                continue
-            if kind == "sparsity":
-                values = _sparsity_logs(layer, self.dead_threshold)
-            else:
-                values = _latent_logs(layer, self.active_threshold)
+        for layer in self._monitored():
+            values = layer.monitor_logs(self.dead_threshold, self.active_threshold)
             logs.update({f"{layer.name}_{key}": value for key, value in values.items()})
         return logs
 
     def _reset(self) -> None:
-        for layer, _ in self._monitored():
-            if layer.built:
-                layer.reset_statistics()
+        for layer in self._monitored():
+            layer.reset_statistics()
 
     def _betas(self) -> dict[str, float]:
         logs = {}
-        for layer, _ in self._monitored():
-            if layer.built:
-                logs[f"{layer.name}_beta"] = float(_numpy(layer.current_beta))
+        for layer in self._monitored():
+            logs[f"{layer.name}_beta"] = float(_numpy(layer.current_beta))
         for layer in _regularized(self.model):
             logs[f"{layer.name}_beta"] = layer.activity_regularizer.beta
         return logs

@@ -1,48 +1,19 @@
 """Knowledge distillation from logits, as a Keras loss and as a `keras.distillation` loss."""
 
-import math
-import numbers
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 from keras import ops
 
-from kl_keras import _checks
-from kl_keras import divergence as _math
+from kl_keras import _checks, _shell
+from kl_keras import divergence as core
 from kl_keras._types import Config, Tensor
-
-if TYPE_CHECKING:  # typing.Self is Python 3.11+
-    from typing_extensions import Self
-
-
-def _check_temperature(value: Any) -> float:
-    expected = "a finite number > 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Invalid type for argument `temperature`. Expected {expected}. "
-            f"Received: temperature={value!r} of type {type(value).__name__}"
-        )
-    number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(
-            f"Invalid value for argument `temperature`. Expected {expected}. "
-            f"Received: temperature={value!r}"
-        )
-    return float(value)
-
-
-def _check_divergence(value: Any) -> str:
-    if value not in _math.DISTILLATION_DIVERGENCES:
-        valid = ", ".join(repr(name) for name in _math.DISTILLATION_DIVERGENCES)
-        raise ValueError(
-            f"Invalid value for argument `divergence`. Expected one of {valid}. "
-            f"Received: divergence={value!r}"
-        )
-    return value
 
 
 @keras.saving.register_keras_serializable(package="kl_keras")
-class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss):
+class LogitsDistillation(
+    _shell.StrictConfig, keras.losses.Loss, keras.distillation.DistillationLoss
+):
     """Distillation loss T²·D(softmax(teacher / T) ‖ softmax(student / T)) from two sets of logits.
 
     One object for both ways in. As a Keras loss, `y_true` holds the teacher's
@@ -122,25 +93,19 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
         dtype: str | keras.DTypePolicy | None = None,
     ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_temperature(temperature)
-        self.divergence = _check_divergence(divergence)
+        self.temperature = _checks.check_temperature(temperature)
+        self.divergence = _checks.check_choice(
+            "divergence", divergence, core.DISTILLATION_DIVERGENCES
+        )
         self.beta = _checks.check_beta(beta)
         self.axis = _checks.check_axis(axis)
         # Keras's Loss.get_config leaves `dtype` out on some versions: kept here, as given.
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
     def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
-        y_pred = ops.convert_to_tensor(y_pred)
-        input_dtype = keras.backend.standardize_dtype(y_pred.dtype)
-        dtype = _math.computation_dtype(input_dtype)
-        y_pred = ops.cast(y_pred, dtype)
-        y_true = ops.cast(ops.convert_to_tensor(y_true), dtype)
-        _checks.check_distribution_shapes(y_true.shape, y_pred.shape, self.axis)
-        values = _math.distillation_from_logits(
-            y_true, y_pred, self.temperature, self.divergence, self.beta, self.axis
+        return _shell.divergence(
+            self.divergence, "logits", y_true, y_pred, self.axis, self.beta, self.temperature
         )
-        result_dtype = input_dtype if keras.backend.is_float_dtype(input_dtype) else dtype
-        return ops.cast(values, result_dtype)
 
     def compute_loss(
         self, teacher_outputs: Tensor, student_outputs: Tensor, **kwargs: Any
@@ -163,8 +128,3 @@ class LogitsDistillation(keras.losses.Loss, keras.distillation.DistillationLoss)
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config: Config) -> "Self":
-        _checks.check_config(cls, config)
-        return cls(**config)

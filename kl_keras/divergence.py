@@ -1,51 +1,45 @@
 """Kullback-Leibler divergences and their family as pure functions of tensors.
 
-Everything here is written with `keras.ops` alone, so it runs unchanged on the
-TensorFlow, JAX and PyTorch backends, and every derivative is traced by the
-backend's own autodiff: reverse mode, forward mode, second order and
-vectorising maps (`jax.vmap`, `torch.func`, `tf.vectorized_map`) all see the
-same formula. The exceptions are KL, reverse KL and Jeffreys from logits, whose
-first derivatives are their closed forms (`exact_kl`, `_floored_from_target`,
-`_floored_distillation`, registered per backend by `kl_keras._kernels`); their
-second derivatives are traced again. The functions take tensors whose arguments
-were already checked by the caller (see `kl_keras.losses` and
-`kl_keras.regularizers`) and hold no state.
+One core: each kind of input is brought to log space once (probabilities with the
+0·log 0 convention; a probability target against logits, and teacher against student
+logits, through one exact log ratio, `log_ratio`), and each divergence is written once per
+kind over it, as a sum of non-negative terms; `DIVERGENCES` lists them, one entry per
+divergence, and `divergence_values` applies what is common to all (the NaN rule, the β
+endpoints, T²). Binary KL and the sparsity penalty are the two-outcome case
+(`_bernoulli_terms`). Everything is `keras.ops`, so it runs unchanged on TensorFlow, JAX and
+PyTorch, and every derivative is traced by the backend's own autodiff in every mode,
+except the first derivatives of KL, reverse KL and Jeffreys from logits, which are their
+closed forms (`exact_kl`, `_floored_from_target`, `_floored_distillation`, registered per
+backend by `kl_keras._kernels`; their second derivatives are traced again). Arguments are
+checked by the callers (`kl_keras._shell`); nothing here holds state.
 
-Numerical conventions, shared by every function in this module:
+The numerical conventions users see are stated once, in `kl_keras.kl_divergence`'s
+docstring; how they are kept here:
 
-- `0 * log(0) = 0` exactly: a zero in the target distribution contributes a
-  zero term and a zero gradient, with no clipping of the target (a double
-  `where`, so that neither the value nor any derivative sees the unused
-  branch).
-- Probabilities that enter a logarithm as a denominator are floored at
-  `keras.config.epsilon()` (`1e-7` by default) with the derivative of the
-  unfloored value kept (see `floor_probabilities`), so the gradient never
-  becomes zero.
-- A distribution with a negative or NaN entry, in either argument, has a NaN
-  value, and a NaN value has NaN derivatives with respect to every entry of
-  both arguments; other distributions are untouched (see
-  `nan_gradients_where_nan`).
-- float16 and bfloat16 inputs are computed in float32.
-- From logits, every divergence is computed over one exact log ratio (`log_ratio`): the
-  two rows meet in their centred difference, so nothing rounded in common between them
-  (the log-sum-exp of each row) enters, and each divergence is a sum of non-negative
-  terms. Close distributions (KL of 1e-8 and below) keep their digits, and a constant
-  added to either row changes nothing.
-- On probabilities, each log of a ratio is one `log` of the rounded ratio: KL of two close
-  rows of probabilities is resolved to about float rounding of sum(p), not of KL itself
-  (pass logits where the distributions are close; see the numerics guide).
+- `0 * log(0) = 0` by a double `where` (`_weighted_terms`), so neither the value nor any
+  derivative sees the unused branch; nothing clips a target.
+- One floor policy: a probability inside a log's denominator is floored at
+  `keras.config.epsilon()` with the derivative of the unfloored value kept
+  (`floor_probabilities`: a zero or an underflow gives a large finite value whose
+  gradient still pulls); from logits nothing is floored but a teacher's masked (-inf)
+  entry where reverse KL and Jeffreys would be infinite (log P taken as log(epsilon)).
+- One NaN rule: a distribution with a negative or NaN entry has a NaN value and NaN
+  derivatives with respect to every entry of both arguments (`nan_gradients_where_nan`).
+- float16 and bfloat16 inputs are computed in float32 (`computation_dtype`).
 
 Reference: S. Kullback and R. A. Leibler, "On Information and Sufficiency",
 Annals of Mathematical Statistics 22(1), 1951.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 
 from kl_keras import _checks, _kernels
+from kl_keras._distribute import global_sum_and_count
 from kl_keras._types import Tensor
 
 _HALF_DTYPES = ("float16", "bfloat16")
@@ -137,79 +131,69 @@ def _kl_terms(p: Tensor, q: Tensor) -> Tensor:
     return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
 
 
-def kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_true ‖ y_pred) for two tensors of probabilities.
+def _bernoulli_terms(p: Tensor, q_on: Tensor, q_off: Tensor) -> Tensor:
+    """KL(Bernoulli(p) ‖ Bernoulli(q)) elementwise, both outcomes: the two-outcome KL.
 
-    ```python
-    loss = sum(y_true * log(y_true / max(y_pred, epsilon)), axis=axis)
-    ```
-
-    The floor lifts zeros and underflows in `y_pred` with the derivative kept
-    (`-y_true / max(y_pred, epsilon)` never becomes 0 where `y_true > 0`).
-
-    Args:
-        y_true: target probabilities, floating point, broadcastable with `y_pred`.
-        y_pred: predicted probabilities, floating point.
-        axis: the axis that holds the distributions.
-
-    Returns:
-        The divergences, with `axis` removed.
+    `q_on` is q and `q_off` is 1 - q, given apart so that each is formed (or clipped) from
+    the caller's own value: in float32, 1 - (1 - 1e-7) is 1.19e-7.
     """
-    return nan_gradients_where_nan(ops.sum(_kl_terms(y_true, y_pred), axis=axis))
+    return _kl_terms(p, q_on) + _kl_terms(1.0 - p, q_off)
 
 
-def reverse_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_pred ‖ y_true): `sum(y_pred * log(y_pred / max(y_true, epsilon)))`."""
-    return kl_from_probabilities(y_pred, y_true, axis=axis)
+def _floored_log(y: Tensor) -> tuple[Tensor, Tensor]:
+    """`(log(max(y, epsilon)), y < epsilon)`, the floor's derivative that of `y` itself."""
+    return ops.log(floor_probabilities(y)), y < keras.config.epsilon()
 
 
-def _log_floor(x: Tensor) -> Tensor:
-    """`log(max(x, epsilon))` with the derivative kept below the floor; NaN for negative `x`."""
-    return ops.log(floor_probabilities(x))
+# Each form below takes `(y_true, y_pred, axis, beta, temperature)` and returns one value per
+# distribution with `axis` kept; `divergence_values` picks one and applies the rules common
+# to all of them. On probabilities (y_pred floored at epsilon inside a log, see the module
+# docstring):
 
 
-def jeffreys_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_true ‖ y_pred) + KL(y_pred ‖ y_true) on probabilities, both floored at epsilon.
+def _kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """`sum(p * log(p / max(q, epsilon)))`."""
+    return ops.sum(_kl_terms(p, q), axis=axis, keepdims=True)
 
-    ```python
-    loss = sum((y_true - y_pred) * (log(max(y_true, epsilon)) - log(max(y_pred, epsilon))))
-    ```
 
-    Symmetric in its arguments. Where both are at least epsilon it is forward plus reverse
-    KL exactly; an entry below epsilon differs from that sum by at most epsilon / e.
+def _reverse_kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """`sum(q * log(q / max(p, epsilon)))`: KL with the roles swapped."""
+    return _kl_on_probabilities(q, p, axis, beta, t)
+
+
+def _jeffreys_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """`sum((p - q) * (log(max(p, epsilon)) - log(max(q, epsilon))))`, symmetric.
+
+    Where both are at least epsilon it is forward plus reverse KL exactly; an entry below
+    epsilon differs from that sum by at most epsilon / e.
     """
-    terms = (y_true - y_pred) * (_log_floor(y_true) - _log_floor(y_pred))
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+    terms = (p - q) * (_floored_log(p)[0] - _floored_log(q)[0])
+    return ops.sum(terms, axis=axis, keepdims=True)
 
 
-def jensen_shannon_from_probabilities(
-    y_true: Tensor, y_pred: Tensor, beta: float = 0.5, axis: int = -1
+def _jensen_shannon_on_probabilities(
+    p: Tensor, q: Tensor, axis: int, beta: float, t: float
 ) -> Tensor:
-    """(1 - beta) KL(P ‖ M) + beta KL(Q ‖ M), M = beta P + (1 - beta) Q, on probabilities.
+    """(1 - beta) KL(P ‖ M) + beta KL(Q ‖ M), M = beta P + (1 - beta) Q, 0 < beta < 1.
 
-    `beta` is a Python float in [0, 1]; 0 and 1 are forward and reverse KL exactly,
-    with their floors. Between them M > 0 wherever P or Q is, so nothing is floored.
+    M > 0 wherever P or Q is, so nothing is floored.
     """
-    if beta == 0.0:
-        return kl_from_probabilities(y_true, y_pred, axis=axis)
-    if beta == 1.0:
-        return reverse_kl_from_probabilities(y_true, y_pred, axis=axis)
     # Where P and Q are within a factor 2 of each other (the small-JSD regime), log(P / M)
     # is -log1p((1 - beta) (Q - P) / P), and log(Q / M) likewise: no M is formed, and close
     # distributions keep their digits. Elsewhere the logs are far apart and are subtracted
     # directly, M in log space: a ratio such as P / Q would overflow for a tiny Q. Each
     # unused branch sees a finite argument (divisor 1), so no derivative leaks a NaN. A
     # negative or NaN entry is NaN in both branches; an entry of 0 has weight 0.
-    safe_true, safe_pred = _positive_or_nan(y_true), _positive_or_nan(y_pred)
+    safe_true, safe_pred = _positive_or_nan(p), _positive_or_nan(q)
     log_true, log_pred = ops.log(safe_true), ops.log(safe_pred)
     weighted_true = math.log(beta) + log_true
     weighted_pred = math.log(1.0 - beta) + log_pred
     log_mixture = ops.where(
-        y_true == 0,
+        p == 0,
         weighted_pred,
-        ops.where(y_pred == 0, weighted_true, _logaddexp(weighted_true, weighted_pred)),
+        ops.where(q == 0, weighted_true, _logaddexp(weighted_true, weighted_pred)),
     )
-    difference = y_pred - y_true
+    difference = q - p
     close_to_true = ops.abs(difference) < safe_true
     close_to_pred = ops.abs(difference) < safe_pred
     log_true_ratio = ops.where(
@@ -222,25 +206,19 @@ def jensen_shannon_from_probabilities(
         -ops.log1p(-beta * difference / ops.where(close_to_pred, safe_pred, 1.0)),
         log_pred - log_mixture,
     )
-    terms = (1.0 - beta) * _weighted_terms(y_true, log_true_ratio)
-    terms = terms + beta * _weighted_terms(y_pred, log_pred_ratio)
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+    terms = (1.0 - beta) * _weighted_terms(p, log_true_ratio)
+    terms = terms + beta * _weighted_terms(q, log_pred_ratio)
+    return ops.sum(terms, axis=axis, keepdims=True)
 
 
-def binary_kl_from_probabilities(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
-    """Sum over `axis` of KL(Bernoulli(y_true) ‖ Bernoulli(y_pred)), both terms.
-
-    `y_pred` and `1 - y_pred` are each floored at epsilon with the derivative kept.
-    """
-    terms = _kl_terms(y_true, y_pred) + _kl_terms(1.0 - y_true, 1.0 - y_pred)
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+def _binary_kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """Sum over `axis` of the two-outcome KL, `q` and `1 - q` each floored at epsilon."""
+    return ops.sum(_bernoulli_terms(p, q, 1.0 - q), axis=axis, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------
 # From logits: one exact log ratio, then each divergence as a sum of non-negative terms.
 # ---------------------------------------------------------------------------------------
-
-DISTILLATION_DIVERGENCES = ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
 
 # x - log1p(x) = x²/2 - x³/3 + ..., used where |x| < 0.1 (the first omitted term is below
 # 1e-11 relative there).
@@ -490,10 +468,6 @@ def _jensen_shannon_terms(
     return (1.0 - beta) * _weighted_phi(p, toward_p, m) + beta * _weighted_phi(q, toward_q, m)
 
 
-def _squeeze(values: Tensor, axis: int) -> Tensor:
-    return nan_gradients_where_nan(ops.squeeze(values, axis=axis))
-
-
 def _target_log_weights(y_true: Tensor) -> Tensor:
     """log(y_true): -inf where it is 0, NaN where it is negative or NaN."""
     zero = y_true == 0
@@ -536,22 +510,17 @@ def _against_target(y_true: Tensor, logits: Tensor, axis: int) -> _TargetRatio:
     return _TargetRatio(y_true, log_p, q, core.log_q, ell, core, mass, excess)
 
 
-def _floored_log(y_true: Tensor) -> tuple[Tensor, Tensor]:
-    """`(log(max(y_true, epsilon)), y_true < epsilon)`, the floor's derivative that of y_true."""
-    return ops.log(floor_probabilities(y_true)), y_true < keras.config.epsilon()
+def _kl_on_target(y: Tensor, logits: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """KL(y ‖ softmax(logits)) = sum(y * (log(y) - log_softmax(logits))).
 
-
-def kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_true ‖ softmax(logits)) = sum(y_true * (log(y_true) - log_softmax(logits))).
-
-    With Z = sum(y_true) it is Z·KL(y_true / Z ‖ Q) + Z·log(Z): the first term from the
-    exact core (`log_ratio`), the second 0 for a target that sums to 1 and otherwise the
-    plain formula's value for unnormalized targets. Nothing is clipped; a logit of -inf
-    is allowed wherever `y_true` is 0 (a masked class).
+    With Z = sum(y) it is Z·KL(y / Z ‖ Q) + Z·log(Z): the first term from the exact core
+    (`log_ratio`), the second 0 for a target that sums to 1 and otherwise the plain
+    formula's value for unnormalized targets. Nothing is clipped; a logit of -inf is allowed
+    wherever `y` is 0 (a masked class).
     """
-    mass = _target_mass(y_true, axis)
-    kl = exact_kl(_target_log_weights(y_true), logits, axis)
-    return _squeeze(mass * kl + mass * ops.log1p(mass - 1.0), axis)
+    mass = _target_mass(y, axis)
+    kl = exact_kl(_target_log_weights(y), logits, axis)
+    return mass * kl + mass * ops.log1p(mass - 1.0)
 
 
 def _log_gap(
@@ -648,50 +617,30 @@ def _floored_distillation(
     return _with_closed_form(function, teacher, student, axis)
 
 
-def reverse_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """KL(softmax(logits) ‖ y_true), with `y_true` floored at epsilon inside the log.
-
-    ```python
-    loss = sum(q * (log(q) - log(max(y_true, epsilon))), axis=axis)  # q = softmax(logits)
-    ```
-
-    Computed as sum(q·φ(log(y_true / q))) + 1 - sum(y_true), φ(x) = e^x - 1 - x, a sum of
-    non-negative terms (see `log_ratio`).
-    """
-    return _squeeze(_floored_from_target("reverse_kl", y_true, logits, axis), axis)
+def _reverse_kl_on_target(y: Tensor, logits: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """KL(softmax(logits) ‖ y), `y` floored at epsilon inside the log, as
+    sum(q·φ(log(y / q))) + 1 - sum(y): a sum of non-negative terms (see `log_ratio`)."""
+    return _floored_from_target("reverse_kl", y, logits, axis)
 
 
-def jeffreys_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
-    """KL(y_true ‖ q) + KL(q ‖ y_true), q = softmax(logits), `y_true` floored at epsilon.
-
-    ```python
-    loss = sum((y_true - q) * (log(max(y_true, epsilon)) - log_softmax(logits)), axis=axis)
-    ```
-
-    Each term is p·ℓ·(e^ℓ - 1) >= 0, ℓ = log(q / p) exact (see `log_ratio`). A logit of
-    `-inf` (q = 0) is allowed wherever `y_true` is 0.
-    """
-    return _squeeze(_floored_from_target("jeffreys", y_true, logits, axis), axis)
+def _jeffreys_on_target(y: Tensor, logits: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """sum((y - q) * (log(max(y, epsilon)) - log_softmax(logits))), each term p·ℓ·(e^ℓ - 1)."""
+    return _floored_from_target("jeffreys", y, logits, axis)
 
 
-def jensen_shannon_from_logits(
-    y_true: Tensor, logits: Tensor, beta: float = 0.5, axis: int = -1
+def _jensen_shannon_on_target(
+    y: Tensor, logits: Tensor, axis: int, beta: float, t: float
 ) -> Tensor:
-    """Jensen-Shannon divergence of `y_true` and `softmax(logits)`, M in log space.
-
-    `beta` 0 and 1 are forward and reverse KL exactly; between them nothing is floored.
-    """
-    if beta == 0.0:
-        return kl_from_logits(y_true, logits, axis=axis)
-    if beta == 1.0:
-        return reverse_kl_from_logits(y_true, logits, axis=axis)
-    t = _against_target(y_true, logits, axis)
-    terms = _jensen_shannon_terms(t.p, t.q, t.log_p, t.log_q, t.log_ratio, beta)
-    correction = (2.0 * beta - 1.0) * t.excess
-    return _squeeze(ops.sum(terms, axis=axis, keepdims=True) - correction, axis)
+    """(1 - beta) KL(y ‖ M) + beta KL(Q ‖ M), Q = softmax(logits), M in log space."""
+    target = _against_target(y, logits, axis)
+    terms = _jensen_shannon_terms(
+        target.p, target.q, target.log_p, target.log_q, target.log_ratio, beta
+    )
+    correction = (2.0 * beta - 1.0) * target.excess
+    return ops.sum(terms, axis=axis, keepdims=True) - correction
 
 
-def binary_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Tensor:
+def _binary_kl_on_target(y: Tensor, logits: Tensor, axis: int, beta: float, t: float) -> Tensor:
     """Binary KL against `sigmoid(logits)`, summed over `axis`: the two-outcome case.
 
     Per entry p·φ(ℓ₁) + (1 - p)·φ(ℓ₀), ℓ₁ = log(q / p), ℓ₀ = log((1 - q) / (1 - p)),
@@ -700,83 +649,151 @@ def binary_kl_from_logits(y_true: Tensor, logits: Tensor, axis: int = -1) -> Ten
     elsewhere they are differences of log-sigmoids. Nothing is clipped.
     """
     log_on, log_off = _kernels.log_sigmoids(logits)
-    log_true_on = _target_log_weights(y_true)
-    log_true_off = ops.log1p(-y_true)  # the log of 1 - y_true itself, not of its rounding
+    log_true_on = _target_log_weights(y)
+    log_true_off = ops.log1p(-y)  # the log of 1 - y itself, not of its rounding
     e = logits - (log_true_on - log_true_off)
     near = ops.abs(e) < _SERIES_BELOW
     near_e = ops.where(near, e, 0.0)
     q_on, q_off = ops.exp(log_on), ops.exp(log_off)
     ell_on = ops.where(near, ops.log1p(q_off * ops.expm1(near_e)), log_on - log_true_on)
     ell_off = ops.where(near, ops.log1p(q_on * ops.expm1(-near_e)), log_off - log_true_off)
-    terms = _weighted_phi(y_true, ell_on, q_on) + _weighted_phi(1.0 - y_true, ell_off, q_off)
-    return nan_gradients_where_nan(ops.sum(terms, axis=axis))
+    terms = _weighted_phi(y, ell_on, q_on) + _weighted_phi(1.0 - y, ell_off, q_off)
+    return ops.sum(terms, axis=axis, keepdims=True)
 
 
-def distillation_from_logits(
-    teacher_logits: Tensor,
-    student_logits: Tensor,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    axis: int,
-) -> Tensor:
-    """`temperature**2 * D(softmax(teacher / T) ‖ softmax(student / T))`, exact when close.
+# Teacher against student logits, P = softmax(a / T) and Q = softmax(b / T) (T² is applied
+# by `divergence_values`). Teacher logits of -inf (masked entries) are exact for KL and
+# Jensen-Shannon; for reverse KL and Jeffreys the true value is infinite wherever the
+# student puts mass there, so log P of a masked entry is taken as log(epsilon) (derivative
+# 0): the probabilities' floor, in log space, and only there (a finite logit keeps its own
+# log P, however small).
 
-    `divergence` is one of `DISTILLATION_DIVERGENCES`; `temperature` a Python float > 0
-    and `beta` one in [0, 1], both checked by the caller. With P the teacher's and Q the
-    student's distribution at temperature T and ℓ = log(Q / P) from `log_ratio`:
 
-    - `"kl"`: KL(P ‖ Q) from `log_ratio`; `"reverse_kl"`: sum(q·φ(-ℓ)), KL(Q ‖ P);
-      `"jeffreys"`: sum(p·ℓ·(e^ℓ - 1)), their sum; `"jensen_shannon"`: (1 - beta) KL(P ‖ M)
-      + beta KL(Q ‖ M), M = beta P + (1 - beta) Q, as sum((1 - beta)·p·φ(log(m / p)) +
-      beta·q·φ(log(m / q))). Every term is >= 0, φ(x) = e^x - 1 - x.
-    - Teacher logits of `-inf` (masked entries): exact for `"kl"` and `"jensen_shannon"`.
-      For `"reverse_kl"` and `"jeffreys"` the true value is infinite wherever the student
-      puts mass there, so log P of a masked entry is taken as `log(epsilon)` (derivative
-      0); every finite teacher logit keeps its own log P.
-    """
-    if divergence == "jensen_shannon" and beta == 0.0:
-        divergence = "kl"
-    if divergence == "jensen_shannon" and beta == 1.0:
-        divergence = "reverse_kl"
-    if divergence == "kl":
-        kl = exact_kl(teacher_logits, student_logits, axis, temperature)
-        return _squeeze(temperature**2 * kl, axis)
-    if divergence != "jensen_shannon":
-        # Only masked entries (log P = -inf) are floored: a finite logit keeps its own log P.
-        value = _floored_distillation(divergence, teacher_logits, student_logits, axis, temperature)
-        return _squeeze(temperature**2 * value, axis)
-    core = log_ratio(teacher_logits, student_logits, axis, temperature)
+def _kl_on_logits(a: Tensor, b: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    return exact_kl(a, b, axis, t)
+
+
+def _reverse_kl_on_logits(a: Tensor, b: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """sum(q·φ(-ℓ)), KL(Q ‖ P)."""
+    return _floored_distillation("reverse_kl", a, b, axis, t)
+
+
+def _jeffreys_on_logits(a: Tensor, b: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """sum(p·ℓ·(e^ℓ - 1)), KL(P ‖ Q) + KL(Q ‖ P)."""
+    return _floored_distillation("jeffreys", a, b, axis, t)
+
+
+def _jensen_shannon_on_logits(a: Tensor, b: Tensor, axis: int, beta: float, t: float) -> Tensor:
+    """sum((1 - beta)·p·φ(log(m / p)) + beta·q·φ(log(m / q))), M = beta P + (1 - beta) Q."""
+    core = log_ratio(a, b, axis, t)
     p, q = core.p, ops.exp(core.log_q)
     terms = _jensen_shannon_terms(p, q, core.log_p, core.log_q, core.log_ratio, beta)
-    return _squeeze(temperature**2 * ops.sum(terms, axis=axis, keepdims=True), axis)
+    return ops.sum(terms, axis=axis, keepdims=True)
 
 
-def bernoulli_kl(rho: float, rho_hat: Tensor) -> Tensor:
-    """KL(Bernoulli(rho) ‖ Bernoulli(rho_hat)), elementwise, both terms.
+# ---------------------------------------------------------------------------------------
+# The family: one entry per divergence, one form per kind of input.
+# ---------------------------------------------------------------------------------------
+
+# (y_true, y_pred, axis, beta, temperature) -> one value per distribution, `axis` kept.
+Form = Callable[[Tensor, Tensor, int, float, float], Tensor]
+
+
+class Divergence(NamedTuple):
+    """One divergence of the family: its form for each kind of input.
+
+    `probabilities`: P and Q are probabilities; `target`: P probabilities, Q the softmax
+    (sigmoid for binary KL) of logits; `logits`: both softmaxes of logits at a temperature,
+    None where the divergence is not one of distillation.
+    """
+
+    probabilities: Form
+    target: Form
+    logits: Form | None
+
+
+DIVERGENCES = {
+    "kl": Divergence(_kl_on_probabilities, _kl_on_target, _kl_on_logits),
+    "reverse_kl": Divergence(
+        _reverse_kl_on_probabilities, _reverse_kl_on_target, _reverse_kl_on_logits
+    ),
+    "jeffreys": Divergence(_jeffreys_on_probabilities, _jeffreys_on_target, _jeffreys_on_logits),
+    "jensen_shannon": Divergence(
+        _jensen_shannon_on_probabilities, _jensen_shannon_on_target, _jensen_shannon_on_logits
+    ),
+    "binary_kl": Divergence(_binary_kl_on_probabilities, _binary_kl_on_target, None),
+}
+DISTILLATION_DIVERGENCES = tuple(name for name, d in DIVERGENCES.items() if d.logits)
+KINDS = ("probabilities", "target", "logits")
+
+
+def divergence_values(
+    name: str,
+    kind: str,
+    y_true: Tensor,
+    y_pred: Tensor,
+    axis: int,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """D(y_true ‖ y_pred) of the divergence `name`, one value per distribution (`axis` removed).
+
+    `kind` (one of `KINDS`) says what the inputs hold; with `"logits"` the value is
+    `temperature**2 * D(softmax(y_true / T) ‖ softmax(y_pred / T))`. The rules common to
+    the family are applied here, once: `beta` 0 and 1 make the Jensen-Shannon divergence
+    forward and reverse KL exactly (with their floors), and a NaN value carries NaN
+    derivatives (`nan_gradients_where_nan`). The arguments were checked by the caller.
+    """
+    if name == "jensen_shannon" and beta in (0.0, 1.0):
+        name = "kl" if beta == 0.0 else "reverse_kl"
+    form = getattr(DIVERGENCES[name], kind)
+    values = form(y_true, y_pred, axis, beta, temperature)
+    if kind == "logits":
+        values = temperature**2 * values
+    return nan_gradients_where_nan(ops.squeeze(values, axis=axis))
+
+
+def sparsity_penalty(
+    x: Tensor, rho: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Σ_j KL(Bernoulli(ρ) ‖ Bernoulli(ρ̂_j)) for activations `x` of shape `(batch, ..., units)`.
 
     ```python
-    kl = rho * log(rho / rho_hat) + (1 - rho) * log((1 - rho) / (1 - rho_hat))
+    rho_hat = mean(x, axis=every axis but the last)   # over the entries `mask` keeps
+    penalty = sum(rho * log(rho / rho_hat) + (1 - rho) * log((1 - rho) / (1 - rho_hat)))
     ```
 
-    `rho` is a Python float strictly inside (0, 1). `rho_hat` and
-    `1 - rho_hat` are clipped to `[epsilon, 1 - epsilon]` (with
-    `keras.config.epsilon()`) in the forward pass, with the gradient kept
-    (see `clip_keep_gradient`), so saturated or out-of-range means give a
-    large finite value that still has a gradient.
-
-    Args:
-        rho: the target activation, a float in (0, 1).
-        rho_hat: tensor of observed mean activations.
-
-    Returns:
-        A tensor shaped like `rho_hat`, every entry >= 0.
+    The two-outcome KL (`_bernoulli_terms`) with ρ̂ and 1 - ρ̂ each clipped to
+    `[epsilon, 1 - epsilon]` with the derivative kept (see `clip_keep_gradient`), so
+    saturated or out-of-range means give a large finite penalty that still has a gradient.
+    ρ̂_j is the mean over the global batch under `tf.distribute`; `mask`, of the shape of
+    `x` without its last axis (a sequence's `(batch, time)` padding mask), leaves the
+    positions where it is 0 out of ρ̂. Returns the penalty (a scalar, float32 for
+    float16/bfloat16 activations; 0, with a zero gradient, when nothing is counted), the
+    sums of the activations per unit and the number of entries in each sum.
     """
+    x = ops.convert_to_tensor(x)
+    if len(x.shape) == 0:
+        raise ValueError(
+            "KLActivityRegularizer expects activations of rank >= 1, "
+            f"(batch, ..., units). Received: x.shape={tuple(x.shape)}"
+        )
+    x = ops.cast(x, computation_dtype(x.dtype))
+    mean_axes = tuple(range(max(len(x.shape) - 1, 1)))
+    weights = None
+    if mask is not None:
+        weights = ops.cast(mask, x.dtype)
+        if len(x.shape) > 1:
+            weights = ops.expand_dims(weights, -1)
+    total, count = global_sum_and_count(x, axis=mean_axes, weights=weights)
+    # An empty batch has no mean activation and adds nothing: 0, with a zero gradient.
+    rho_hat = total / ops.where(count > 0, count, 1.0)
     epsilon = keras.config.epsilon()
-    # 1 - rho_hat is clipped on its own: in float32, 1 - (1 - 1e-7) is 1.19e-7.
     on = clip_keep_gradient(rho_hat, epsilon, 1.0 - epsilon)
     off = clip_keep_gradient(1.0 - rho_hat, epsilon, 1.0 - epsilon)
-    return rho * ops.log(rho / on) + (1.0 - rho) * ops.log((1.0 - rho) / off)
+    kl = _bernoulli_terms(ops.cast(rho, x.dtype), on, off)
+    penalty = ops.where(count > 0, ops.sum(kl), 0.0)
+    return penalty, total, count
 
 
 def _expm1_minus_identity(x: Tensor) -> Tensor:

@@ -18,8 +18,23 @@ from keras import ops
 from kl_keras import _checks
 from kl_keras._distribute import global_sum_and_count
 from kl_keras._types import Config, Tensor
-from kl_keras.divergence import computation_dtype, gaussian_kl
-from kl_keras.regularizers import sparsity_terms
+from kl_keras.divergence import computation_dtype, gaussian_kl, sparsity_penalty
+
+
+def sparsity_logs(rho_hat: Any, penalty: float, dead_threshold: float) -> dict[str, float]:
+    """The sparsity keys of `KLMonitor` from the mean activations ρ̂_j of the units.
+
+    `rho_hat`, `rho_hat_min`, `rho_hat_max`: the mean, min and max of ρ̂ over the units;
+    `dead_units`: the fraction of units with ρ̂_j < `dead_threshold`; `penalty` as given.
+    """
+    rho_hat = np.atleast_1d(np.asarray(rho_hat, "float64"))
+    return {
+        "rho_hat": float(rho_hat.mean()),
+        "rho_hat_min": float(rho_hat.min()),
+        "rho_hat_max": float(rho_hat.max()),
+        "dead_units": float(np.mean(rho_hat < dead_threshold)),
+        "penalty": float(penalty),
+    }
 
 
 def _check_beta_or_schedule(
@@ -103,7 +118,9 @@ class _StatefulKLLayer(keras.layers.Layer):
             name="statistics",
         )
 
-    def _unpack(self, flat: Any, reshape: Callable[[Any, tuple[int, ...]], Any]) -> dict[str, Any]:
+    def _parts(self, flat: Any, reshape: Callable[[Any, tuple[int, ...]], Any]) -> dict[str, Any]:
+        """The statistics in `flat` (laid out as `_build_statistics` says) by name, each
+        given to `reshape` with its shape."""
         parts, offset = {}, 0
         for name, shape in self._statistics_layout:
             size = math.prod(shape)
@@ -111,13 +128,27 @@ class _StatefulKLLayer(keras.layers.Layer):
             offset += size
         return parts
 
+    def _packed(self, parts: dict[str, Any]) -> Tensor:
+        """The statistics `parts` (by name, any shape holding the layout's size) laid out flat
+        in float32, out of every derivative: the inverse of `_parts`."""
+        flat = [
+            ops.reshape(ops.cast(parts[name], "float32"), (-1,))
+            for name, _ in self._statistics_layout
+        ]
+        return ops.stop_gradient(ops.concatenate(flat, axis=0))
+
     def statistics(self) -> dict[str, Any]:
         """The statistics accumulated since the last reset, as numpy arrays by name."""
         flat = np.asarray(ops.convert_to_numpy(self.statistics_state), "float64")
-        return self._unpack(flat, np.reshape)
+        return self._parts(flat, np.reshape)
 
     def reset_statistics(self) -> None:
         self.statistics_state.assign(ops.zeros(self.statistics_state.shape, "float32"))
+
+    def monitor_logs(self, dead_threshold: float, active_threshold: float) -> dict[str, float]:
+        """What `kl_keras.callbacks.KLMonitor` logs for this layer, from `statistics()`,
+        keyed without the layer's name; empty when nothing was accumulated."""
+        raise NotImplementedError
 
     def _weight(self, training: bool | None) -> Tensor:
         """β for this call, advancing the schedule in training calls."""
@@ -259,7 +290,7 @@ class VariationalSampling(_StatefulKLLayer):
         self._latent_size = math.prod(latent_shape)
 
     def _accumulate(self, kl_total: Tensor, count: Tensor, mean: Tensor) -> None:
-        """Adds one (global) batch to the epoch's statistics.
+        """Adds one (global) batch to the epoch's statistics (Welford's merge).
 
         The posterior means are taken as deviations from the running mean m, so a
         variance that is small next to the mean keeps its digits: with n samples
@@ -268,18 +299,36 @@ class VariationalSampling(_StatefulKLLayer):
         deviations grows by S2 - S1² / n'.
         """
         size = self._latent_size
-        state = ops.convert_to_tensor(self.statistics_state)
-        kl_sum, running_mean, m2 = state[:size], state[size : 2 * size], state[2 * size : 3 * size]
+        state = self._parts(ops.convert_to_tensor(self.statistics_state), lambda part, shape: part)
         mean = ops.reshape(ops.cast(ops.stop_gradient(mean), "float32"), (-1, size))
-        deviation = mean - running_mean
+        deviation = mean - state["mean_mean"]
         both = ops.concatenate([deviation, deviation * deviation], axis=1)
         sums, _ = global_sum_and_count(both, axis=(0,))
-        combined = state[3 * size :] + ops.cast(ops.stop_gradient(count), "float32")
+        combined = state["sample_count"] + ops.cast(ops.stop_gradient(count), "float32")
         shift = sums[:size] / ops.maximum(combined, 1.0)
-        kl_total = ops.reshape(ops.cast(ops.stop_gradient(kl_total), "float32"), (-1,))
-        new_m2 = m2 + sums[size:] - sums[:size] * shift
-        update = [kl_sum + kl_total, running_mean + shift, new_m2, combined]
-        self.statistics_state.assign(ops.concatenate(update, axis=0))
+        new = {
+            "kl_sum": state["kl_sum"] + ops.reshape(ops.cast(kl_total, "float32"), (-1,)),
+            "mean_mean": state["mean_mean"] + shift,
+            "mean_m2": state["mean_m2"] + sums[size:] - sums[:size] * shift,
+            "sample_count": combined,
+        }
+        self.statistics_state.assign(self._packed(new))
+
+    def monitor_logs(self, dead_threshold: float, active_threshold: float) -> dict[str, float]:
+        """`kl`, the mean per-sample KL; `kl_min`, `kl_max`, the extreme per-dimension mean
+        KLs; `active_units`, the dimensions whose posterior mean varies more than
+        `active_threshold` over the samples."""
+        state = self.statistics()
+        count = state["sample_count"]
+        if count == 0:
+            return {}
+        kl_per_dimension = state["kl_sum"] / count
+        return {
+            "kl": float(kl_per_dimension.sum()),
+            "kl_min": float(kl_per_dimension.min()),
+            "kl_max": float(kl_per_dimension.max()),
+            "active_units": int(np.sum(state["mean_m2"] / count > active_threshold)),
+        }
 
     def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
         mean, log_var, *prior = inputs
@@ -336,6 +385,11 @@ class KLActivityRegularization(_StatefulKLLayer):
     JAX as on TensorFlow and PyTorch; the β in use is `current_beta`. The
     penalty is added in every call, also when not training.
 
+    Masks pass through, and are used: after a layer that masks padded steps
+    (`Embedding(mask_zero=True)`, `Masking`), ρ̂_j is the mean over the real
+    positions only, so padding neither pulls ρ̂ toward its own activations nor
+    changes with the amount of it.
+
     Args:
         rho: the target mean activation ρ, a float strictly between 0 and 1.
         beta: the weight of the penalty: a float >= 0, or a
@@ -372,7 +426,7 @@ class KLActivityRegularization(_StatefulKLLayer):
                 f"when built. Received: input_shape={tuple(input_shape)}"
             )
         # Per epoch, for KLMonitor: the activations summed per unit, the number of
-        # entries in each sum, and the penalties that reached the loss.
+        # entries in each sum, the penalties that reached the loss and the batches.
         self._build_statistics(
             (
                 ("activation_sum", () if units is None else (units,)),
@@ -382,19 +436,30 @@ class KLActivityRegularization(_StatefulKLLayer):
             )
         )
 
-    def _accumulate(self, total: Tensor, count: Tensor, penalty: Tensor) -> None:
-        # Every statistic here is a sum: one increment, in the layout's order.
-        scalars = ops.stack([count, penalty, ops.ones_like(count)])
-        increment = ops.concatenate([ops.reshape(total, (-1,)), scalars], axis=0)
-        self.statistics_state.assign_add(ops.cast(ops.stop_gradient(increment), "float32"))
-
-    def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
-        penalty, total, count = sparsity_terms(inputs, self.rho)
+    def call(
+        self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        penalty, total, count = sparsity_penalty(inputs, self.rho, mask)
         weighted = self._weight(training) * penalty
         self.add_loss(weighted)
         if training is not None:
-            self._accumulate(total, count, weighted)
+            parts = {
+                "activation_sum": total,
+                "activation_count": count,
+                "penalty_sum": weighted,
+                "batch_count": 1.0,
+            }
+            self.statistics_state.assign_add(self._packed(parts))
         return inputs
+
+    def monitor_logs(self, dead_threshold: float, active_threshold: float) -> dict[str, float]:
+        """The sparsity keys of `sparsity_logs`, `penalty` the mean per-batch penalty."""
+        state = self.statistics()
+        if state["activation_count"] == 0:
+            return {}
+        rho_hat = state["activation_sum"] / state["activation_count"]
+        penalty = state["penalty_sum"] / state["batch_count"]
+        return sparsity_logs(rho_hat, penalty, dead_threshold)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape

@@ -6,43 +6,14 @@ distribution, and a registered `keras.losses.Loss` that leaves reductions,
 `sample_weight` and masks to Keras.
 """
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
-from keras import ops
 
-from kl_keras import _checks
-from kl_keras import divergence as _math
+from kl_keras import _checks, _shell
 from kl_keras._types import Config, Tensor
 
-if TYPE_CHECKING:  # typing.Self is Python 3.11+
-    from typing_extensions import Self
-
 _REGISTER = keras.saving.register_keras_serializable(package="kl_keras")
-
-
-def _divergence(
-    on_probabilities: Callable[..., Tensor],
-    on_logits: Callable[..., Tensor],
-    y_true: Tensor,
-    y_pred: Tensor,
-    from_logits: bool,
-    axis: int,
-    **kwargs: Any,
-) -> Tensor:
-    """Checks and casts the inputs, then computes one divergence of the core."""
-    from_logits = _checks.check_bool("from_logits", from_logits)
-    axis = _checks.check_axis(axis)
-    y_pred = ops.convert_to_tensor(y_pred)
-    input_dtype = keras.backend.standardize_dtype(y_pred.dtype)
-    dtype = _math.computation_dtype(input_dtype)
-    result_dtype = input_dtype if keras.backend.is_float_dtype(input_dtype) else dtype
-    y_pred = ops.cast(y_pred, dtype)
-    y_true = ops.cast(ops.convert_to_tensor(y_true), dtype)
-    _checks.check_distribution_shapes(y_true.shape, y_pred.shape, axis)
-    compute = on_logits if from_logits else on_probabilities
-    return ops.cast(compute(y_true, y_pred, axis=axis, **kwargs), result_dtype)
 
 
 @_REGISTER
@@ -111,9 +82,7 @@ def kl_divergence(
         >>> [round(float(v), 4) for v in loss]
         [0.5108, 0.0]
     """
-    return _divergence(
-        _math.kl_from_probabilities, _math.kl_from_logits, y_true, y_pred, from_logits, axis
-    )
+    return _shell.divergence("kl", _shell.kind(from_logits), y_true, y_pred, axis)
 
 
 kld = kl_divergence
@@ -156,14 +125,7 @@ def reverse_kl_divergence(
         >>> round(float(reverse_kl_divergence(p, q)), 5)
         0.53718
     """
-    return _divergence(
-        _math.reverse_kl_from_probabilities,
-        _math.reverse_kl_from_logits,
-        y_true,
-        y_pred,
-        from_logits,
-        axis,
-    )
+    return _shell.divergence("reverse_kl", _shell.kind(from_logits), y_true, y_pred, axis)
 
 
 @_REGISTER
@@ -201,14 +163,7 @@ def jeffreys_divergence(
         >>> round(float(jeffreys_divergence(p, q)), 6)
         1.120991
     """
-    return _divergence(
-        _math.jeffreys_from_probabilities,
-        _math.jeffreys_from_logits,
-        y_true,
-        y_pred,
-        from_logits,
-        axis,
-    )
+    return _shell.divergence("jeffreys", _shell.kind(from_logits), y_true, y_pred, axis)
 
 
 @_REGISTER
@@ -225,10 +180,10 @@ def jensen_shannon_divergence(
     Continuous in `beta` on [0, 1]: `beta=0` is exactly `kl_divergence`
     (forward), `beta=1` exactly `reverse_kl_divergence`, and `beta=0.5` the
     classic symmetric JSD, bounded by `log(2)`. The endpoints are those TRL
-    documents for the `beta` of its `generalized_jsd_loss`, but TRL's and
-    Liger-Kernel's interior formula jumps to 0 next to both ends (0.00058 at
-    `beta=0.001` where this gives 0.5817, next to forward KL 0.5838). For
-    `0 < beta < 1`, M is positive wherever P or Q is, so nothing is floored;
+    documents for the `beta` of its `generalized_jsd_loss`, whose interior
+    value differs next to both ends (the numbers: the "which divergence?"
+    guide). For `0 < beta < 1`, M is positive wherever P or Q is, so nothing
+    is floored;
     with `from_logits=True`, log M is computed in log space
     (`logaddexp(log(beta) + log P, log(1 - beta) + log_softmax(y_pred))`).
 
@@ -251,15 +206,8 @@ def jensen_shannon_divergence(
         >>> round(float(jensen_shannon_divergence(p, q, beta=0.25)), 6)
         0.230735
     """
-    return _divergence(
-        _math.jensen_shannon_from_probabilities,
-        _math.jensen_shannon_from_logits,
-        y_true,
-        y_pred,
-        from_logits,
-        axis,
-        beta=_checks.check_beta(beta),
-    )
+    kind = _shell.kind(from_logits)
+    return _shell.divergence("jensen_shannon", kind, y_true, y_pred, axis, beta=beta)
 
 
 @_REGISTER
@@ -298,18 +246,18 @@ def binary_kl_divergence(
         >>> round(float(binary_kl_divergence(np.array([0.7, 0.2]), np.array([0.4, 0.5]))), 6)
         0.376532
     """
-    return _divergence(
-        _math.binary_kl_from_probabilities,
-        _math.binary_kl_from_logits,
-        y_true,
-        y_pred,
-        from_logits,
-        axis,
-    )
+    return _shell.divergence("binary_kl", _shell.kind(from_logits), y_true, y_pred, axis)
 
 
-class _DivergenceLoss(keras.losses.Loss):
-    """A `keras.losses.Loss` over one divergence function; subclasses name it."""
+class _DivergenceLoss(_shell.StrictConfig, keras.losses.Loss):
+    """A `keras.losses.Loss` over one registered divergence function.
+
+    A subclass names its `function` and passes its own arguments beyond `from_logits` and
+    `axis` (already checked) as `parameters`: each becomes an attribute, is given to
+    `function` in every call and is saved in the config.
+    """
+
+    function: Any  # the registered function, as a staticmethod
 
     def __init__(
         self,
@@ -318,23 +266,30 @@ class _DivergenceLoss(keras.losses.Loss):
         reduction: str | None,
         name: str | None,
         dtype: str | keras.DTypePolicy | None,
+        **parameters: Any,
     ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = _checks.check_bool("from_logits", from_logits)
         self.axis = _checks.check_axis(axis)
+        self._parameter_names = tuple(parameters)
+        for key, value in parameters.items():
+            setattr(self, key, value)
+        # Keras's Loss.get_config leaves `dtype` out on some versions: kept here, as given.
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
+
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
+        parameters = {key: getattr(self, key) for key in self._parameter_names}
+        return self.function(
+            y_true, y_pred, from_logits=self.from_logits, axis=self.axis, **parameters
+        )
 
     def get_config(self) -> Config:
         config = super().get_config()
         config.update(
             {"from_logits": self.from_logits, "axis": self.axis, "dtype": self._dtype_argument}
         )
+        config.update({key: getattr(self, key) for key in self._parameter_names})
         return config
-
-    @classmethod
-    def from_config(cls, config: Config) -> "Self":
-        _checks.check_config(cls, config)
-        return cls(**config)
 
 
 @_REGISTER
@@ -377,6 +332,8 @@ class KLDivergence(_DivergenceLoss):
         40.0
     """
 
+    function = staticmethod(kl_divergence)
+
     def __init__(
         self,
         from_logits: bool = False,
@@ -386,9 +343,6 @@ class KLDivergence(_DivergenceLoss):
         dtype: str | keras.DTypePolicy | None = None,
     ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
-
-    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
-        return kl_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)
 
 
 @_REGISTER
@@ -409,6 +363,8 @@ class ReverseKLDivergence(_DivergenceLoss):
             in float32 internally.
     """
 
+    function = staticmethod(reverse_kl_divergence)
+
     def __init__(
         self,
         from_logits: bool = False,
@@ -418,9 +374,6 @@ class ReverseKLDivergence(_DivergenceLoss):
         dtype: str | keras.DTypePolicy | None = None,
     ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
-
-    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
-        return reverse_kl_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)
 
 
 @_REGISTER
@@ -441,6 +394,8 @@ class JeffreysDivergence(_DivergenceLoss):
             in float32 internally.
     """
 
+    function = staticmethod(jeffreys_divergence)
+
     def __init__(
         self,
         from_logits: bool = False,
@@ -450,9 +405,6 @@ class JeffreysDivergence(_DivergenceLoss):
         dtype: str | keras.DTypePolicy | None = None,
     ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
-
-    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
-        return jeffreys_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)
 
 
 @_REGISTER
@@ -475,6 +427,8 @@ class JensenShannonDivergence(_DivergenceLoss):
             in float32 internally.
     """
 
+    function = staticmethod(jensen_shannon_divergence)
+
     def __init__(
         self,
         beta: float = 0.5,
@@ -484,18 +438,8 @@ class JensenShannonDivergence(_DivergenceLoss):
         name: str | None = "jensen_shannon_divergence",
         dtype: str | keras.DTypePolicy | None = None,
     ) -> None:
-        super().__init__(from_logits, axis, reduction, name, dtype)
-        self.beta = _checks.check_beta(beta)
-
-    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
-        return jensen_shannon_divergence(
-            y_true, y_pred, beta=self.beta, from_logits=self.from_logits, axis=self.axis
-        )
-
-    def get_config(self) -> Config:
-        config = super().get_config()
-        config["beta"] = self.beta
-        return config
+        beta = _checks.check_beta(beta)
+        super().__init__(from_logits, axis, reduction, name, dtype, beta=beta)
 
 
 @_REGISTER
@@ -505,9 +449,9 @@ class BinaryKLDivergence(_DivergenceLoss):
     See `kl_keras.binary_kl_divergence`; `from_logits=True` takes sigmoid logits.
 
     Args:
-        from_logits: whether `y_pred` holds logits along `axis` (computed
-            through log-softmax, never clipped) rather than probabilities.
-        axis: the axis along which the distributions lie.
+        from_logits: whether `y_pred` holds sigmoid logits (computed through
+            log-sigmoid, never clipped) rather than probabilities.
+        axis: the axis summed over (the independent outputs).
         reduction: one of `"sum_over_batch_size"`, `"sum"`, `"mean"`,
             `"mean_with_sample_weight"`, `"none"` or `None`, as in Keras.
         name: name of the loss instance.
@@ -515,6 +459,8 @@ class BinaryKLDivergence(_DivergenceLoss):
             means `keras.config.floatx()`. float16 and bfloat16 are computed
             in float32 internally.
     """
+
+    function = staticmethod(binary_kl_divergence)
 
     def __init__(
         self,
@@ -525,6 +471,3 @@ class BinaryKLDivergence(_DivergenceLoss):
         dtype: str | keras.DTypePolicy | None = None,
     ) -> None:
         super().__init__(from_logits, axis, reduction, name, dtype)
-
-    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
-        return binary_kl_divergence(y_true, y_pred, from_logits=self.from_logits, axis=self.axis)

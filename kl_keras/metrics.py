@@ -9,15 +9,12 @@ arguments of its loss minus `reduction`.
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 
-from kl_keras import _checks, losses
+from kl_keras import _checks, _shell, losses
 from kl_keras._types import Config, Tensor
-
-if TYPE_CHECKING:  # typing.Self is Python 3.11+
-    from typing_extensions import Self
 
 __all__ = [
     "BinaryKLDivergence",
@@ -30,8 +27,12 @@ __all__ = [
 _REGISTER = keras.saving.register_keras_serializable(package="kl_keras.metrics")
 
 
-class _DivergenceMetric(keras.metrics.MeanMetricWrapper):
-    """A running mean of one kl_keras divergence function."""
+class _DivergenceMetric(_shell.StrictConfig, keras.metrics.MeanMetricWrapper):
+    """A running mean of one kl_keras divergence function.
+
+    Arguments beyond `from_logits` and `axis` (already checked) come as `parameters`, as in
+    the losses: each becomes an attribute, is given to `fn` and is saved in the config.
+    """
 
     def __init__(
         self,
@@ -40,29 +41,29 @@ class _DivergenceMetric(keras.metrics.MeanMetricWrapper):
         dtype: str | keras.DTypePolicy | None,
         from_logits: bool,
         axis: int,
-        **kwargs: Any,
+        **parameters: Any,
     ) -> None:
         from_logits = _checks.check_bool("from_logits", from_logits)
         axis = _checks.check_axis(axis)
         super().__init__(
-            fn=fn, name=name, dtype=dtype, from_logits=from_logits, axis=axis, **kwargs
+            fn=fn, name=name, dtype=dtype, from_logits=from_logits, axis=axis, **parameters
         )
         self.from_logits = from_logits
         self.axis = axis
+        self._parameter_names = tuple(parameters)
+        for key, value in parameters.items():
+            setattr(self, key, value)
         self._direction = "down"
 
     def get_config(self) -> Config:
-        return {
+        config = {
             "name": self.name,
             "dtype": self.dtype,
             "from_logits": self.from_logits,
             "axis": self.axis,
         }
-
-    @classmethod
-    def from_config(cls, config: Config) -> "Self":
-        _checks.check_config(cls, config)
-        return cls(**config)
+        config.update({key: getattr(self, key) for key in self._parameter_names})
+        return config
 
 
 @_REGISTER
@@ -159,10 +160,6 @@ class JensenShannonDivergence(_DivergenceMetric):
         super().__init__(
             losses.jensen_shannon_divergence, name, dtype, from_logits, axis, beta=beta
         )
-        self.beta = beta
-
-    def get_config(self) -> Config:
-        return {**super().get_config(), "beta": self.beta}
 
 
 @_REGISTER

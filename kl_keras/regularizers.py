@@ -3,13 +3,12 @@
 import keras
 from keras import ops
 
-from kl_keras import _checks
-from kl_keras._distribute import global_sum_and_count
+from kl_keras import _checks, _shell
 from kl_keras._types import Config, Tensor
-from kl_keras.divergence import bernoulli_kl, computation_dtype
+from kl_keras.divergence import sparsity_penalty
 
 
-def _keras_divides_activity_penalty_by_batch_size() -> Tensor:
+def _keras_divides_activity_penalty_by_batch_size() -> bool:
     """Keras 3.14 started dividing every activity penalty by the batch size.
 
     See keras-team/keras#22018: from 3.14 on, `Layer.__call__` adds
@@ -23,31 +22,8 @@ def _keras_divides_activity_penalty_by_batch_size() -> Tensor:
 KERAS_DIVIDES_BY_BATCH_SIZE = _keras_divides_activity_penalty_by_batch_size()
 
 
-def sparsity_terms(x: Tensor, rho: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Σ_j KL(ρ ‖ ρ̂_j) for activations `x` of shape `(batch, ..., units)`, unweighted.
-
-    ρ̂_j is the mean over every axis but the last, over the global batch under
-    `tf.distribute`. Returns the penalty (a scalar, float32 for float16/bfloat16
-    activations; 0, with a zero gradient, for an empty batch), and the sums of
-    the activations per unit and the number of entries in each sum.
-    """
-    x = ops.convert_to_tensor(x)
-    if len(x.shape) == 0:
-        raise ValueError(
-            "KLActivityRegularizer expects activations of rank >= 1, "
-            f"(batch, ..., units). Received: x.shape={tuple(x.shape)}"
-        )
-    x = ops.cast(x, computation_dtype(x.dtype))
-    mean_axes = tuple(range(max(len(x.shape) - 1, 1)))
-    total, count = global_sum_and_count(x, axis=mean_axes)
-    # An empty batch has no mean activation and adds nothing: 0, with a zero gradient.
-    rho_hat = total / ops.where(count > 0, count, 1.0)
-    penalty = ops.where(count > 0, ops.sum(bernoulli_kl(rho, rho_hat)), 0.0)
-    return penalty, total, count
-
-
 @keras.saving.register_keras_serializable(package="kl_keras")
-class KLActivityRegularizer(keras.regularizers.Regularizer):
+class KLActivityRegularizer(_shell.StrictConfig, keras.regularizers.Regularizer):
     """Sparsity penalty of sparse autoencoders: β·Σ_j KL(ρ ‖ ρ̂_j).
 
     Attach it as a layer's `activity_regularizer` to push the mean activation
@@ -103,7 +79,7 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
         Returns a scalar tensor, float32 for float16/bfloat16 activations; 0 for
         an empty batch.
         """
-        return self.beta * sparsity_terms(x, self.rho)[0]
+        return self.beta * sparsity_penalty(x, self.rho)[0]
 
     def __call__(self, x: Tensor) -> Tensor:
         """The value Keras expects from an activity regularizer; see the class doc."""
@@ -114,8 +90,3 @@ class KLActivityRegularizer(keras.regularizers.Regularizer):
 
     def get_config(self) -> Config:
         return {"rho": self.rho, "beta": self.beta}
-
-    @classmethod
-    def from_config(cls, config: Config) -> "KLActivityRegularizer":
-        _checks.check_config(cls, config)
-        return cls(**config)

@@ -8,16 +8,11 @@ training step from a step counter it owns, which is what makes the schedule
 reach the step on JAX as on TensorFlow and PyTorch.
 """
 
-from typing import TYPE_CHECKING
-
 import keras
 from keras import ops
 
-from kl_keras import _checks
+from kl_keras import _checks, _shell
 from kl_keras._types import Config, Tensor
-
-if TYPE_CHECKING:  # typing.Self is Python 3.11+
-    from typing_extensions import Self
 
 __all__ = ["CyclicalAnnealing", "LinearWarmup"]
 
@@ -25,7 +20,7 @@ _REGISTER = keras.saving.register_keras_serializable(package="kl_keras")
 
 
 @_REGISTER
-class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+class LinearWarmup(_shell.StrictConfig, keras.optimizers.schedules.LearningRateSchedule):
     """β rising linearly from `start` to `stop` over `warmup_steps`, then constant.
 
     KL warm-up (Sønderby et al., "Ladder Variational Autoencoders", 2016;
@@ -62,14 +57,9 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self) -> Config:
         return {"warmup_steps": self.warmup_steps, "start": self.start, "stop": self.stop}
 
-    @classmethod
-    def from_config(cls, config: Config) -> "Self":
-        _checks.check_config(cls, config)
-        return cls(**config)
-
 
 @_REGISTER
-class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
+class CyclicalAnnealing(_shell.StrictConfig, keras.optimizers.schedules.LearningRateSchedule):
     """β repeating a linear ramp from `start` to `stop` every `cycle_steps`.
 
     Cyclical annealing (Fu et al., "Cyclical Annealing Schedule: A Simple
@@ -121,8 +111,3 @@ class CyclicalAnnealing(keras.optimizers.schedules.LearningRateSchedule):
             "start": self.start,
             "stop": self.stop,
         }
-
-    @classmethod
-    def from_config(cls, config: Config) -> "Self":
-        _checks.check_config(cls, config)
-        return cls(**config)

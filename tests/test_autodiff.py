@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import reference as ref
 from helpers import BACKEND, to_numpy
-from scipy.special import rel_entr, softmax
+from scipy.special import softmax
 
 import kl_keras
 
@@ -36,36 +37,6 @@ def probabilities(rng, shape, low=0.02):
     """Rows of probabilities with every entry >= low (so central differences stay valid)."""
     x = rng.dirichlet(np.ones(shape[-1]), size=shape[:-1])
     return ((1 - low * shape[-1]) * x + low).astype("float32")
-
-
-def reference_penalty(x, rho=0.2, beta=1.5):
-    rho_hat = x.reshape(-1, x.shape[-1]).mean(axis=0)
-    return beta * np.sum(rel_entr(rho, rho_hat) + rel_entr(1 - rho, 1 - rho_hat))
-
-
-def reference_jsd(p, q, beta):
-    m = beta * p + (1 - beta) * q
-    return (1 - beta) * np.sum(rel_entr(p, m), -1) + beta * np.sum(rel_entr(q, m), -1)
-
-
-def reference_binary(p, q):
-    return np.sum(rel_entr(p, q) + rel_entr(1 - p, 1 - q), axis=-1)
-
-
-def reference_distillation(teacher, student, divergence, temperature=2.0, beta=0.3):
-    p, q = softmax(teacher / temperature, axis=-1), softmax(student / temperature, axis=-1)
-    value = {
-        "kl": lambda: np.sum(rel_entr(p, q), -1),
-        "reverse_kl": lambda: np.sum(rel_entr(q, p), -1),
-        "jeffreys": lambda: np.sum(rel_entr(p, q) + rel_entr(q, p), -1),
-        "jensen_shannon": lambda: reference_jsd(p, q, beta),
-    }[divergence]()
-    return temperature**2 * value
-
-
-def reference_gaussian_kl(mean, log_var, prior_mean, prior_log_var):
-    d = log_var - prior_log_var
-    return 0.5 * np.sum(np.expm1(d) - d + (mean - prior_mean) ** 2 * np.exp(-prior_log_var), -1)
 
 
 def reference_sampling_loss(mean, log_var, beta=0.7, free_bits=0.05):
@@ -117,50 +88,37 @@ def binary(rng):
     return [rng.uniform(0.05, 0.95, size=(2, 3, 4)).astype("float32") for _ in range(2)]
 
 
-def family(function, reference, **kwargs):
+def family(name, function, beta=None):
     """The probabilities and the logits case of one divergence of the family."""
+    kwargs = {} if beta is None else {"beta": beta}
     return {
         f"{function.__name__} probabilities": Case(
-            lambda p, q: function(p, q, **kwargs), lambda p, q: reference(p, q), probs
+            lambda p, q: function(p, q, **kwargs),
+            lambda p, q: ref.on_probabilities(name, p, q, **kwargs),
+            binary if name == "binary_kl" else probs,
         ),
         f"{function.__name__} logits": Case(
             lambda p, z: function(p, z, from_logits=True, **kwargs),
-            lambda p, z: reference(p, softmax(z, axis=-1)),
-            logits,
+            lambda p, z: ref.on_target(name, p, z, **kwargs),
+            (lambda rng: [binary(rng)[0], rng.normal(size=(2, 3, 4)).astype("float32")])
+            if name == "binary_kl"
+            else logits,
         ),
     }
 
 
 CASES = {
-    "kl_divergence probabilities": Case(
-        lambda p, q: kl_keras.kl_divergence(p, q),
-        lambda p, q: np.sum(rel_entr(p, q), axis=-1),
-        lambda rng: [probabilities(rng, (2, 3, 4)), probabilities(rng, (2, 3, 4))],
-    ),
-    "kl_divergence logits": Case(
-        lambda p, z: kl_keras.kl_divergence(p, z, from_logits=True),
-        lambda p, z: np.sum(rel_entr(p, softmax(z, axis=-1)), axis=-1),
-        lambda rng: [probabilities(rng, (2, 3, 4)), rng.normal(size=(2, 3, 4)).astype("float32")],
-    ),
-    **family(kl_keras.reverse_kl_divergence, lambda p, q: np.sum(rel_entr(q, p), -1)),
-    **family(
-        kl_keras.jeffreys_divergence, lambda p, q: np.sum(rel_entr(p, q) + rel_entr(q, p), -1)
-    ),
-    **family(kl_keras.jensen_shannon_divergence, lambda p, q: reference_jsd(p, q, 0.3), beta=0.3),
-    "binary_kl_divergence probabilities": Case(
-        kl_keras.binary_kl_divergence, reference_binary, binary
-    ),
-    "binary_kl_divergence logits": Case(
-        lambda p, z: kl_keras.binary_kl_divergence(p, z, from_logits=True),
-        lambda p, z: reference_binary(p, 1 / (1 + np.exp(-z))),
-        lambda rng: [binary(rng)[0], rng.normal(size=(2, 3, 4)).astype("float32")],
-    ),
+    **family("kl", kl_keras.kl_divergence),
+    **family("reverse_kl", kl_keras.reverse_kl_divergence),
+    **family("jeffreys", kl_keras.jeffreys_divergence),
+    **family("jensen_shannon", kl_keras.jensen_shannon_divergence, beta=0.3),
+    **family("binary_kl", kl_keras.binary_kl_divergence),
     **{
         f"LogitsDistillation {divergence}{suffix}": Case(
             lambda t, s, d=divergence: kl_keras.LogitsDistillation(
                 2.0, d, beta=0.3, reduction="none"
             )(t, s),
-            lambda t, s, d=divergence: reference_distillation(t, s, d),
+            lambda t, s, d=divergence: ref.on_logits(d, t, s, temperature=2.0, beta=0.3),
             inputs,
         )
         for divergence in ("kl", "reverse_kl", "jeffreys", "jensen_shannon")
@@ -168,19 +126,19 @@ CASES = {
     },
     "kl_divergence logits close": Case(
         lambda p, z: kl_keras.kl_divergence(p, z, from_logits=True),
-        lambda p, z: np.sum(rel_entr(p, softmax(z, axis=-1)), axis=-1),
+        lambda p, z: ref.on_target("kl", p, z),
         lambda rng: (lambda t, s: [softmax(np.float64(t), -1).astype("float32"), s])(
             *close_logits(rng)
         ),
     ),
     "kl_divergence probabilities close": Case(
         lambda p, q: kl_keras.kl_divergence(p, q),
-        lambda p, q: np.sum(rel_entr(p, q), axis=-1),
+        lambda p, q: ref.on_probabilities("kl", p, q),
         close_probabilities,
     ),
     "gaussian_kl_divergence": Case(
         kl_keras.gaussian_kl_divergence,
-        lambda m, lv, pm, plv: reference_gaussian_kl(m, lv, pm, plv),
+        ref.gaussian_kl,
         lambda rng: [rng.normal(size=(2, 3, 4)).astype("float32") for _ in range(4)],
     ),
     "VariationalSampling added loss": Case(
@@ -190,12 +148,12 @@ CASES = {
     ),
     "KLActivityRegularization added loss": Case(
         added_loss(kl_keras.KLActivityRegularization(rho=0.2, beta=1.5), (None, 4, 3)),
-        reference_penalty,
+        lambda x: ref.sparsity_penalty(x, rho=0.2, beta=1.5),
         lambda rng: [rng.uniform(0.05, 0.95, size=(2, 4, 3)).astype("float32")],
     ),
     "KLActivityRegularizer.penalty": Case(
         lambda x: kl_keras.KLActivityRegularizer(rho=0.2, beta=1.5).penalty(x),
-        reference_penalty,
+        lambda x: ref.sparsity_penalty(x, rho=0.2, beta=1.5),
         lambda rng: [rng.uniform(0.05, 0.95, size=(2, 4, 3)).astype("float32")],
     ),
 }

@@ -15,6 +15,7 @@ normalized target up to the rounding of log p of a float32 p (see the numerics g
 
 import numpy as np
 import pytest
+import reference as ref
 from helpers import BACKEND, to_numpy, value_and_grad
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,36 +31,12 @@ BETA = 0.3  # a mixture weight that is not symmetric, so the two roles are check
 
 
 def log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+    return ref.log_softmax(z)
 
 
 def reference(teacher, student, divergence, temperature, beta=BETA):
     """T²·D(P ‖ Q) and its gradients with respect to both logits, in long double."""
-    a, b = LD(teacher) / temperature, LD(student) / temperature
-    lp, lq = log_softmax(a), log_softmax(b)
-    p, q = np.exp(lp), np.exp(lq)
-    if divergence == "jensen_shannon":
-        m = beta * p + (1 - beta) * q
-        lm = np.log(m)
-        value = (1 - beta) * np.sum(p * (lp - lm), -1) + beta * np.sum(q * (lq - lm), -1)
-        cross = ((1 - beta) * p + beta * q) / m
-        dp = (1 - beta) * (lp + 1 - lm) - beta * cross
-        dq = beta * (lq + 1 - lm) - (1 - beta) * cross
-    elif divergence == "kl":
-        value = np.sum(p * (lp - lq), -1)
-        dp, dq = lp + 1 - lq, -p / q
-    elif divergence == "reverse_kl":
-        value = np.sum(q * (lq - lp), -1)
-        dp, dq = -q / p, lq + 1 - lp
-    else:
-        value = np.sum((p - q) * (lp - lq), -1)
-        dp = (lp - lq) + (p - q) / p
-        dq = -(lp - lq) - (p - q) / q
-    # Through the softmaxes: d/da_j = p_j (dp_j - sum(p dp)); T² / T for the logits' scale.
-    grad_t = p * (dp - np.sum(p * dp, -1, keepdims=True)) * temperature
-    grad_s = q * (dq - np.sum(q * dq, -1, keepdims=True)) * temperature
-    return temperature**2 * value, grad_t, grad_s
+    return ref.on_logits_with_gradients(divergence, teacher, student, temperature, beta, LD)
 
 
 def logits(sigma, offset, vocabulary, rows=4, seed=0):
@@ -119,30 +96,21 @@ def test_the_0_2_form_was_not_exact():
     assert relative_error(naive, expected) > 1e-2
 
 
-EPSILON = 1e-7  # keras.config.epsilon(): probabilities given as inputs are floored there
+EPSILON = ref.EPSILON  # probabilities given as inputs are floored there
 
 
 def floored(x):
     return np.maximum(x, EPSILON)
 
 
-# name -> (function, plain formula on (target p, predicted q), with kl_keras's floors)
-PROBABILITY_FORMULAS = {
-    "kl": (kl_keras.kl_divergence, lambda p, q: np.sum(p * np.log(p / q), -1)),
-    "reverse_kl": (
-        kl_keras.reverse_kl_divergence,
-        lambda p, q: np.sum(q * np.log(q / floored(p)), -1),
-    ),
-    "jeffreys": (
-        kl_keras.jeffreys_divergence,
-        lambda p, q: np.sum((p - q) * (np.log(floored(p)) - np.log(q)), -1),
-    ),
-    "jensen_shannon": (
-        lambda p, q, **kwargs: kl_keras.jensen_shannon_divergence(p, q, beta=BETA, **kwargs),
-        lambda p, q: (
-            (1 - BETA) * np.sum(p * np.log(p / (BETA * p + (1 - BETA) * q)), -1)
-            + BETA * np.sum(q * np.log(q / (BETA * p + (1 - BETA) * q)), -1)
-        ),
+# Each divergence's function, on probabilities or (from_logits=True) against logits; the
+# references (reference.py) carry kl_keras's floors at 1e-7 (Keras's convention).
+PROBABILITIES = {
+    "kl": kl_keras.kl_divergence,
+    "reverse_kl": kl_keras.reverse_kl_divergence,
+    "jeffreys": kl_keras.jeffreys_divergence,
+    "jensen_shannon": lambda p, q, **kwargs: kl_keras.jensen_shannon_divergence(
+        p, q, beta=BETA, **kwargs
     ),
 }
 
@@ -158,8 +126,8 @@ def test_probability_targets_are_exact_up_to_the_log_of_a_rounded_target(name, s
     teacher, student = logits(sigma, offset, 32000)
     p = np.exp(log_softmax(LD(teacher))).astype("float32")
     target, q = LD(p), np.exp(log_softmax(LD(student)))
-    function, formula = PROBABILITY_FORMULAS[name]
-    expected = formula(target, q)
+    function = PROBABILITIES[name]
+    expected = ref.on_target(name, p, student, BETA, dtype=LD)
     value = np.asarray(to_numpy(function(p, student, from_logits=True)), LD)
     eps = np.finfo("float32").eps
     bound = 4 * eps * np.sum(np.abs(q - target) * (1 + np.abs(np.log(target))), -1)
@@ -176,7 +144,7 @@ def test_binary_kl_from_logits_for_close_distributions(sigma):
     z = z.astype("float32")
     p64, z64 = LD(p), LD(z)
     q = 1 / (1 + np.exp(-z64))
-    expected = np.sum(p64 * np.log(p64 / q) + (1 - p64) * np.log((1 - p64) / (1 - q)), -1)
+    expected = ref.on_target("binary_kl", p, z, dtype=LD)
     value = np.asarray(to_numpy(kl_keras.binary_kl_divergence(p, z, from_logits=True)), LD)
     # The log-odds of a float32 p carry eps·(|log p| + |log(1 - p)|): the input's limit.
     eps = np.finfo("float32").eps
@@ -276,25 +244,6 @@ def test_float64_is_float64_throughout(divergence):
     assert relative_error(to_numpy(js(p, student)), want) <= 1e-12
 
 
-# On probabilities kl_keras floors the probability inside each log's denominator at 1e-7
-# (Keras's convention): the per-entry terms of the formulas with those floors.
-PROBABILITIES = {
-    "kl": (kl_keras.kl_divergence, lambda p, q: p * np.log(p / floored(q))),
-    "reverse_kl": (kl_keras.reverse_kl_divergence, lambda p, q: q * np.log(q / floored(p))),
-    "jeffreys": (
-        kl_keras.jeffreys_divergence,
-        lambda p, q: (p - q) * np.log(floored(p) / floored(q)),
-    ),
-    "jensen_shannon": (
-        lambda p, q: kl_keras.jensen_shannon_divergence(p, q, beta=BETA),
-        lambda p, q: (
-            (1 - BETA) * p * np.log(p / (BETA * p + (1 - BETA) * q))
-            + BETA * q * np.log(q / (BETA * p + (1 - BETA) * q))
-        ),
-    ),
-}
-
-
 def probability_error_scale(name, p, q):
     """What one float32 rounding per log ratio weighs, per entry, in each formula."""
     if name == "kl":
@@ -318,8 +267,8 @@ def test_probabilities_are_exact_up_to_one_rounding_per_log_ratio(name, sigma, o
     teacher, student = logits(sigma, offset, 32000)
     p = np.exp(log_softmax(LD(teacher))).astype("float32")
     q = np.exp(log_softmax(LD(student))).astype("float32")
-    function, formula = PROBABILITIES[name]
-    terms = formula(LD(p), LD(q))
+    function = PROBABILITIES[name]
+    terms = ref.probability_terms(name, LD(p), LD(q), BETA)
     expected = np.sum(terms, -1)
     value = np.asarray(to_numpy(function(p, q)), LD)
     eps = np.finfo("float32").eps

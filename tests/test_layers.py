@@ -5,12 +5,13 @@ import inspect
 import keras
 import numpy as np
 import pytest
+import reference as ref
 from helpers import BACKEND, PerStepLoss, to_numpy, value_and_grad
-from test_gaussian_kl import reference
 
 import kl_keras
 from kl_keras import schedules
-from kl_keras.regularizers import KERAS_DIVIDES_BY_BATCH_SIZE, sparsity_terms
+from kl_keras.divergence import sparsity_penalty
+from kl_keras.regularizers import KERAS_DIVIDES_BY_BATCH_SIZE
 
 RNG = np.random.default_rng(0)
 
@@ -33,7 +34,7 @@ def added_loss(layer, inputs, training):
 def test_adds_beta_times_the_batch_mean_kl(batch, training):
     mean, log_var = latents(batch)
     layer = kl_keras.VariationalSampling(beta=0.3)
-    expected = 0.3 * np.mean(reference(mean, log_var))
+    expected = 0.3 * np.mean(ref.gaussian_kl(mean, log_var))
     np.testing.assert_allclose(added_loss(layer, [mean, log_var], training), expected, rtol=1e-5)
 
 
@@ -42,7 +43,7 @@ def test_learned_prior():
     prior_mean, prior_log_var = latents(9, dim=4)
     layer = kl_keras.VariationalSampling(beta=2.0)
     value = added_loss(layer, [mean, log_var, prior_mean, prior_log_var], training=True)
-    expected = 2.0 * np.mean(reference(mean, log_var, prior_mean, prior_log_var))
+    expected = 2.0 * np.mean(ref.gaussian_kl(mean, log_var, prior_mean, prior_log_var))
     np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
@@ -79,7 +80,7 @@ def test_not_training_returns_the_mean_and_still_adds_the_kl():
     z = to_numpy(layer([mean, log_var], training=False))
     np.testing.assert_array_equal(z, mean)
     np.testing.assert_allclose(
-        float(to_numpy(layer.losses[0])), 0.7 * np.mean(reference(mean, log_var)), rtol=1e-5
+        float(to_numpy(layer.losses[0])), 0.7 * np.mean(ref.gaussian_kl(mean, log_var)), rtol=1e-5
     )
 
 
@@ -106,7 +107,7 @@ def test_free_bits_floor_each_dimension_and_stop_its_gradient():
     mean = np.array([[2.0, 0.01, 0.5], [1.5, -0.02, 0.6]], "float32")
     log_var = np.array([[-1.0, 0.01, 0.1], [-1.2, -0.01, -0.1]], "float32")
     free_bits = 0.1
-    per_dimension = np.mean(reference(mean[..., None], log_var[..., None]), axis=0)
+    per_dimension = np.mean(ref.gaussian_kl(mean[..., None], log_var[..., None]), axis=0)
     assert per_dimension[0] > free_bits > per_dimension[1] and per_dimension[2] > free_bits
 
     def loss(m, lv):
@@ -145,7 +146,7 @@ def test_mixed_precision_stays_finite(policy):
     cast = [keras.ops.cast(x, half) for x in (mean, log_var)]
     value = added_loss(layer, cast, training=False)
     rounded = [to_numpy(keras.ops.cast(x, "float32")) for x in cast]
-    np.testing.assert_allclose(value, np.mean(reference(*rounded)), rtol=1e-5)
+    np.testing.assert_allclose(value, np.mean(ref.gaussian_kl(*rounded)), rtol=1e-5)
     # Gradients through the half-precision inputs: finite up to lv = +10 in float16
     # (1/2 e^30 is beyond its range); bfloat16 holds ±30.
     if half == "float16":
@@ -218,10 +219,10 @@ def beta_reaching_each_step(schedule, jit_compile, owner="layer", epochs=3, step
     if owner == "layer":
         encoder = keras.Model(inputs, model.get_layer("z").input)
         mean, log_var = (to_numpy(t) for t in encoder(x[:8]))
-        constant = np.mean(reference(mean, log_var))
+        constant = np.mean(ref.gaussian_kl(mean, log_var))
     elif owner == "sparsity":
         encoder = keras.Model(inputs, model.get_layer("sparsity").input)
-        constant = float(to_numpy(sparsity_terms(encoder(x[:8]), 0.1)[0]))
+        constant = float(to_numpy(sparsity_penalty(encoder(x[:8]), 0.1)[0]))
     else:
         constant = 1.0
     model.fit(x, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
@@ -469,6 +470,29 @@ def test_sparsity_layer_keeps_masks_and_shapes():
     model = keras.Model(inputs, outputs)
     mask = model.layers[-1].compute_mask(x, keras.ops.any(x != 0, axis=-1))
     np.testing.assert_array_equal(to_numpy(mask), [[True, True, False, False]] * 2)
+
+
+def test_sparsity_layer_leaves_masked_steps_out_of_rho_hat():
+    # A padded sequence: the penalty is that of the real steps alone, whatever the padding
+    # holds (here -1, which would pull rho_hat down if it were counted).
+    inputs = keras.Input((5, 3))
+    masked = keras.layers.Masking(-1.0)(inputs)
+    layer = kl_keras.KLActivityRegularization(rho=0.1, beta=1.0)
+    model = keras.Model(inputs, layer(masked))
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.0, 0.3, size=(4, 5, 3)).astype("float32")
+    lengths = [5, 3, 2, 4]
+    real = np.arange(5)[None, :] < np.array(lengths)[:, None]
+    padded = np.where(real[..., None], x, -1.0).astype("float32")
+    model(padded)
+    expected = ref.sparsity_penalty(x[real], rho=0.1)
+    np.testing.assert_allclose(to_numpy(model.losses[0]), expected, rtol=1e-5)
+    # The statistics count the real steps too, and training reaches the same number.
+    model.compile(optimizer="sgd", loss=None)
+    value = model.evaluate(padded, verbose=0)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    layer(padded)  # unmasked: the padding (-1) is counted, a different penalty
+    assert abs(float(to_numpy(layer.losses[-1])) - expected) > 1e-3
 
 
 @pytest.mark.parametrize(

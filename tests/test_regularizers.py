@@ -5,6 +5,7 @@ import inspect
 import keras
 import numpy as np
 import pytest
+import reference as ref
 from helpers import to_numpy, value_and_grad
 from sklearn.datasets import load_digits
 
@@ -12,15 +13,12 @@ from kl_keras import KLActivityRegularizer
 from kl_keras.regularizers import KERAS_DIVIDES_BY_BATCH_SIZE
 
 RNG = np.random.default_rng(7)
-EPSILON = 1e-7  # keras.config.epsilon()
+EPSILON = ref.EPSILON
 
 
 def reference_penalty(x, rho, beta):
     """β·Σ_j KL(ρ ‖ ρ̂_j) in float64, ρ̂_j the mean over every axis but the last."""
-    x = np.float64(x)
-    rho_hat = np.clip(x.reshape(-1, x.shape[-1]).mean(axis=0), EPSILON, 1 - EPSILON)
-    kl = rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat))
-    return beta * kl.sum()
+    return ref.sparsity_penalty(x, rho, beta)
 
 
 @pytest.mark.parametrize("shape", [(16, 8), (4, 5, 6), (2, 3, 4, 5)])

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import reference as ref
 from helpers import to_numpy
 from sklearn.datasets import load_digits
 
@@ -11,10 +12,6 @@ import kl_keras
 pytestmark = pytest.mark.slow  # end to end; the minimum-Keras CI run skips it
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 100, 20, 16  # 2,000 steps
-
-
-def bernoulli_kl(rho, rho_hat):
-    return rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat))
 
 
 def digits(n):
@@ -50,9 +47,9 @@ def test_adversarially_scaled_logits_with_one_hot_targets():
     "activation, bias, start",
     [
         # sigmoid(8) = 0.99966: saturated, yet with a gradient float32 can carry.
-        ("sigmoid", 8.0, 32 * bernoulli_kl(0.05, 1 / (1 + np.exp(-8.0)))),
+        ("sigmoid", 8.0, 32 * ref.bernoulli_kl(0.05, 1 / (1 + np.exp(-8.0)))),
         # ReLU outputs near 8: rho_hat far above 1, clipped to 1 - 1e-7 with its gradient kept.
-        ("relu", 8.0, 32 * bernoulli_kl(0.05, 1 - 1e-7)),
+        ("relu", 8.0, 32 * ref.bernoulli_kl(0.05, 1 - 1e-7)),
     ],
 )
 def test_regularizer_on_saturating_activations(activation, bias, start):
