@@ -29,7 +29,7 @@ def op_by_op() -> bool:
     return keras.backend.backend() == "torch"
 
 
-def log_sigmoids(logits: Tensor) -> Tensor:
+def log_sigmoids(logits: Tensor) -> tuple[Tensor, Tensor]:
     """`(log_sigmoid(logits), log_sigmoid(-logits))`, each exact with its derivatives at 0.
 
     PyTorch: two fused `log_sigmoid` kernels. XLA: both from one `log1p(exp(-|z|))`,
