@@ -120,24 +120,33 @@ def _positive_or_nan(x: Tensor) -> Tensor:
     return ops.where(x > 0, x, ops.cast(ops.where(x == 0, 1.0, float("nan")), x.dtype))
 
 
-def _kl_terms(p: Tensor, q: Tensor) -> Tensor:
+def _kl_terms(p: Tensor | float, q: Tensor, floored: bool = False) -> Tensor:
     """The terms `p * log(p / max(q, epsilon))` of KL(p ‖ q) on probabilities, elementwise.
 
     The log of the ratio is taken in one `log`, which is more precise than a
     difference of logs when the two distributions are close; `q` is floored with
-    its derivative kept (see `floor_probabilities`).
+    its derivative kept (see `floor_probabilities`) unless the caller did so already
+    (`floored`). A float `p`, a constant target strictly inside (0, 1), has no zero to
+    guard: the plain product, without the ops that would cost in PyTorch's eager mode.
     """
+    if not floored:
+        q = floor_probabilities(q)
+    if isinstance(p, float):
+        return p * ops.log(p / q)
     safe_p = ops.where(p == 0, 1.0, p)
-    return _weighted_terms(p, ops.log(safe_p / floor_probabilities(q)))
+    return _weighted_terms(p, ops.log(safe_p / q))
 
 
-def _bernoulli_terms(p: Tensor, q_on: Tensor, q_off: Tensor) -> Tensor:
+def _bernoulli_terms(
+    p: Tensor | float, q_on: Tensor, q_off: Tensor, floored: bool = False
+) -> Tensor:
     """KL(Bernoulli(p) ‖ Bernoulli(q)) elementwise, both outcomes: the two-outcome KL.
 
     `q_on` is q and `q_off` is 1 - q, given apart so that each is formed (or clipped) from
-    the caller's own value: in float32, 1 - (1 - 1e-7) is 1.19e-7.
+    the caller's own value: in float32, 1 - (1 - 1e-7) is 1.19e-7. Each is floored at
+    epsilon as in `_kl_terms`, unless `floored`.
     """
-    return _kl_terms(p, q_on) + _kl_terms(1.0 - p, q_off)
+    return _kl_terms(p, q_on, floored) + _kl_terms(1.0 - p, q_off, floored)
 
 
 def _floored_log(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,7 +176,7 @@ def _jeffreys_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: 
     Where both are at least epsilon it is forward plus reverse KL exactly; an entry below
     epsilon differs from that sum by at most epsilon / e.
     """
-    terms = (p - q) * (_floored_log(p)[0] - _floored_log(q)[0])
+    terms = (p - q) * (ops.log(floor_probabilities(p)) - ops.log(floor_probabilities(q)))
     return ops.sum(terms, axis=axis, keepdims=True)
 
 
@@ -791,7 +800,7 @@ def sparsity_penalty(
     epsilon = keras.config.epsilon()
     on = clip_keep_gradient(rho_hat, epsilon, 1.0 - epsilon)
     off = clip_keep_gradient(1.0 - rho_hat, epsilon, 1.0 - epsilon)
-    kl = _bernoulli_terms(ops.cast(rho, x.dtype), on, off)
+    kl = _bernoulli_terms(rho, on, off, floored=True)
     penalty = ops.where(count > 0, ops.sum(kl), 0.0)
     return penalty, total, count
 
