@@ -6,9 +6,9 @@
 is copied under the name `kl_keras_old` (registered names included, so both load in one
 process), and every form of the family (each divergence's loss on probabilities and from
 logits, `LogitsDistillation` for each divergence at T = 4) is timed forward+backward,
-compiled as in `bench_kl.py`, old and new interleaved call by call, medians. The ratio
-new / old is what a refactor must keep at or below 1 (within the noise: the spread between
-repeats is printed with it). On JAX, `--programs` also compares what XLA compiles for
+compiled as in `bench_kl.py`, old and new interleaved call by call (each going first every
+other time), medians. The ratio new / old is what a refactor must keep at or below 1, within
+the noise (the quartiles of the call-by-call ratios are printed with it). On JAX, `--programs` also compares what XLA compiles for
 each form: the optimized programs' operations, names and debug information left out
 (identical programs mean the same work, whatever the timings say). Nothing here asserts a
 timing.
@@ -95,8 +95,10 @@ def run(shape, old, repeats, programs=False):
             block(step(a, b))  # compile
             steps.append((step, block))
         times = [[], []]
-        for _ in range(repeats):
-            for i, (step, block) in enumerate(steps):
+        for repeat in range(repeats):
+            order = (0, 1) if repeat % 2 == 0 else (1, 0)  # neither always goes first
+            for i in order:
+                step, block = steps[i]
                 start = time.perf_counter()
                 block(step(a, b))
                 times[i].append(time.perf_counter() - start)
