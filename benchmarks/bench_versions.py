@@ -8,10 +8,10 @@ process), and every form of the family (each divergence's loss on probabilities 
 logits, `LogitsDistillation` for each divergence at T = 4) is timed forward+backward,
 compiled as in `bench_kl.py`, old and new interleaved call by call (each going first every
 other time), medians. The ratio new / old is what a refactor must keep at or below 1, within
-the noise (the quartiles of the call-by-call ratios are printed with it). On JAX, `--programs` also compares what XLA compiles for
-each form: the optimized programs' operations, names and debug information left out
-(identical programs mean the same work, whatever the timings say). Nothing here asserts a
-timing.
+the noise (the quartiles of the call-by-call ratios are printed with it). On JAX,
+`--programs` also compares what XLA compiles for each form: the optimized programs'
+operations, names and debug information left out (identical programs mean the same work,
+whatever the timings say). Nothing here asserts a timing.
 """
 
 import argparse
