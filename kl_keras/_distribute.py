@@ -40,11 +40,16 @@ def global_sum_and_count(
     else:
         total = ops.sum(ops.where(weights > 0, x, 0.0) * weights, axis=axis)
         count = ops.sum(weights)
+    total, count = global_sums(total, count)
+    return total, count
+
+
+def global_sums(*sums: Tensor) -> tuple[Tensor, ...]:
+    """Each of `sums`, a sum over this replica's slice of the batch, summed over replicas."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         replica_context = tf.distribute.get_replica_context()
         if replica_context is not None and replica_context.num_replicas_in_sync > 1:
-            total = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, total)
-            count = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, count)
-    return total, count
+            return tuple(replica_context.all_reduce(tf.distribute.ReduceOp.SUM, s) for s in sums)
+    return sums

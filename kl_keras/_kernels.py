@@ -29,6 +29,21 @@ def op_by_op() -> bool:
     return keras.backend.backend() == "torch"
 
 
+def read_value(x: Any) -> Tensor:
+    """`x` (a tensor or a variable) as a tensor holding its value.
+
+    TensorFlow only: `keras.ops.convert_to_tensor` returns a variable as is, and
+    `tf.recompute_grad` (`keras.remat`) treats a variable among its arguments as one the
+    function reads, so it would return its gradient twice (once as an argument, once as a
+    variable). A read of the value is an ordinary tensor.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(x)
+    return ops.convert_to_tensor(x)
+
+
 def log_sigmoids(logits: Tensor) -> tuple[Tensor, Tensor]:
     """`(log_sigmoid(logits), log_sigmoid(-logits))`, each exact with its derivatives at 0.
 

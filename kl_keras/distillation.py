@@ -1,11 +1,13 @@
-"""Knowledge distillation from logits, as a Keras loss and as a `keras.distillation` loss."""
+"""Knowledge distillation: from logits (a Keras loss, a `keras.distillation` loss) and, at
+language-model scale, from hidden states and an output projection, chunk by chunk."""
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 
-from kl_keras import _checks, _shell
+from kl_keras import _checks, _distribute, _kernels, _shell
 from kl_keras import divergence as core
 from kl_keras._types import Config, Tensor
 
@@ -128,3 +130,244 @@ class LogitsDistillation(
             }
         )
         return config
+
+
+# ---------------------------------------------------------------------------------------
+# Language-model scale: hidden states and a head, never the full logits.
+# ---------------------------------------------------------------------------------------
+
+
+class _VariableReads(keras.StatelessScope):
+    """Records the Keras variables read inside it; every read sees the enclosing scope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: dict[int, keras.Variable] = {}
+
+    def get_current_value(self, variable: keras.Variable) -> Any:
+        self.read.setdefault(id(variable), variable)
+        outer = self.original_scope
+        return None if outer is None else outer.get_current_value(variable)
+
+
+class _Head(NamedTuple):
+    """An output projection: `logits(rows, *params)` gives (n, V) float logits.
+
+    Every tensor the head needs is one of `params`, an explicit argument of each chunk
+    (see `_chunked_sum`); a callable's Keras variables are found by calling it once and
+    bound to their values with a `keras.StatelessScope` inside the chunk.
+    """
+
+    logits: Callable[..., Tensor]
+    params: tuple[Tensor, ...]
+    vocabulary_size: int
+
+
+def _projection_head(name: str, head: Any, hidden_size: int, dtype: str) -> _Head:
+    if callable(head) and not isinstance(head, keras.Variable):
+        probe = ops.zeros((1, hidden_size), dtype)
+        with _VariableReads() as reads:
+            probe_logits = head(probe)
+        variables = tuple(reads.read.values())
+        if len(probe_logits.shape) != 2 or probe_logits.shape[0] != 1:
+            raise ValueError(
+                f"Invalid `{name}`: a callable head must map (n, {hidden_size}) hidden states "
+                f"to (n, vocabulary) logits. Received logits of shape "
+                f"{tuple(probe_logits.shape)} for a (1, {hidden_size}) input."
+            )
+
+        def call(rows: Tensor, *values: Tensor) -> Tensor:
+            with keras.StatelessScope(list(zip(variables, values, strict=True))):
+                return ops.cast(head(rows), dtype)
+
+        params = tuple(_kernels.read_value(v) for v in variables)
+        return _Head(call, params, int(probe_logits.shape[1]))
+    parts = tuple(head) if isinstance(head, (tuple, list)) else (head,)
+    if len(parts) not in (1, 2):
+        raise ValueError(
+            f"Invalid `{name}`: expected a kernel of shape (hidden, vocabulary), a "
+            f"(kernel, bias) pair or a callable. Received a sequence of {len(parts)} items."
+        )
+    params = tuple(ops.cast(_kernels.read_value(x), dtype) for x in parts)
+    kernel = params[0]
+    if len(kernel.shape) != 2 or kernel.shape[0] != hidden_size:
+        raise ValueError(
+            f"Invalid `{name}`: its kernel must have shape ({hidden_size}, vocabulary), "
+            f"{hidden_size} being the hidden states' last axis. Received a kernel of shape "
+            f"{tuple(kernel.shape)}."
+        )
+    vocabulary_size = int(kernel.shape[1])
+    if len(params) == 2 and tuple(params[1].shape) != (vocabulary_size,):
+        raise ValueError(
+            f"Invalid `{name}`: its bias must have shape ({vocabulary_size},). Received a "
+            f"bias of shape {tuple(params[1].shape)}."
+        )
+
+    def project(rows: Tensor, *values: Tensor) -> Tensor:
+        logits = ops.matmul(ops.cast(rows, dtype), values[0])
+        return logits + values[1] if len(values) == 2 else logits
+
+    return _Head(project, params, vocabulary_size)
+
+
+def _rows(x: Tensor, leading: tuple[Any, ...], name: str, size: Any = None) -> Tensor:
+    """`x` of shape `leading + (size,)` (or `leading` when `size` is None), as rows."""
+    x = ops.convert_to_tensor(x)
+    expected = leading if size is None else (*leading, size)
+    if len(x.shape) != len(expected) or any(
+        a is not None and b is not None and a != b for a, b in zip(x.shape, expected, strict=True)
+    ):
+        raise ValueError(
+            f"Invalid `{name}`: expected shape {expected}, matching the student's hidden "
+            f"states. Received shape {tuple(x.shape)}."
+        )
+    return ops.reshape(x, (-1,) if size is None else (-1, x.shape[-1]))
+
+
+def _in_chunks(x: Tensor, chunk_size: int) -> Tensor:
+    """Rows (N, ...) as (ceil(N / chunk_size), chunk_size, ...), zero rows appended."""
+    missing = (-ops.shape(x)[0]) % chunk_size
+    padding = ops.zeros((missing, *x.shape[1:]), x.dtype)
+    x = ops.concatenate([x, padding], axis=0)
+    return ops.reshape(x, (-1, chunk_size, *x.shape[1:]))
+
+
+def sequence_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Any,
+    teacher: Any,
+    mask: Tensor | None = None,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Mean distillation loss over real tokens, from hidden states: no full logits in memory.
+
+    The loss of `LogitsDistillation` at language-model scale. The student's logits are
+    `student_head(student_hidden)`, but they are never formed whole: the tokens are taken
+    `chunk_size` rows at a time, each chunk's logits (the student's and, from hidden
+    states, the teacher's) live only inside that chunk, and the backward pass computes
+    them again (`keras.remat`). Memory grows with `chunk_size · V`, not with the number
+    of tokens `N · V` (one float32 (16384, 262144) logits tensor is 17.2 GB).
+
+    ```python
+    w = mask                                    # (B, T): 0 for padding, or token weights
+    P = softmax(teacher_logits / temperature)   # no gradient reaches the teacher
+    Q = softmax(student_head(student_hidden) / temperature)
+    loss = sum(w * temperature**2 * D(P ‖ Q)) / sum(w)    # the mean over real tokens
+    ```
+
+    `D`, `beta` and the T² factor are those of `LogitsDistillation`, with its exact forms
+    (relative error below 2e-6 in float32 also where P and Q are close). The mean is over
+    the tokens whose weight is not 0: padding neither adds to the sum nor counts, and its
+    hidden states are never read (NaN there changes nothing); when every weight is 0 the
+    loss is 0 with zero gradients. A NaN hidden state of a real token gives a NaN loss
+    and NaN gradients. Under `tf.distribute` both sums are over the global batch (every
+    replica returns the global mean); a Keras `compute_loss` divides it by the number of
+    replicas, as Keras's losses do (`SequenceDistiller` does). Under JAX's
+    `keras.distribution` the program already sees the global batch.
+
+    Precision: each chunk is computed in float32 from bfloat16 and float16 inputs (a
+    kernel head casts the hidden states and its kernel; a callable head computes in its
+    own dtype and its logits are cast), in float64 from float64; the result has that dtype.
+
+    Autodiff: reverse mode on every backend; also forward mode, second order and
+    vectorising maps on JAX (see the sequence-distillation guide for the modes of each
+    backend).
+
+    Args:
+        student_hidden: the student's last hidden states, (B, T, H) or (N, H).
+        student_head: the student's output projection: a kernel of shape (H, V), a
+            `(kernel, bias)` pair, or a callable mapping (n, H) hidden states to (n, V)
+            logits, such as a KerasHub backbone's
+            `lambda h: backbone.token_embedding(h, reverse=True)` or a `Dense` layer (the
+            Keras variables it reads are found by calling it once on one row).
+        teacher: the teacher's logits, (B, T, V) or (N, V), or a pair
+            `(teacher_hidden, teacher_head)` in the same forms as the student's.
+        mask: padding mask or token weights, (B, T) or (N,); None weighs every token 1.
+        divergence: one of `"kl"`, `"reverse_kl"`, `"jeffreys"`, `"jensen_shannon"`.
+        beta: the teacher's weight in the Jensen-Shannon mixture, in [0, 1].
+        temperature: T, a finite number > 0.
+        chunk_size: the number of tokens per chunk, an int >= 1.
+
+    Returns:
+        A scalar.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> hidden = rng.normal(size=(2, 5, 8)).astype("float32")
+        >>> kernel = rng.normal(size=(8, 11)).astype("float32")
+        >>> teacher = rng.normal(size=(2, 5, 11)).astype("float32")
+        >>> mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], "float32")
+        >>> loss = sequence_distillation_loss(hidden, kernel, teacher, mask, chunk_size=3)
+        >>> dense = LogitsDistillation()(teacher, hidden @ kernel, sample_weight=mask)
+        >>> # Keras divides by all 10 tokens, this loss by the 8 real ones
+        >>> round(float(loss), 4) == round(float(dense) * 10 / 8, 4)
+        True
+    """
+    divergence = _checks.check_choice("divergence", divergence, core.DISTILLATION_DIVERGENCES)
+    beta = _checks.check_beta(beta)
+    temperature = _checks.check_temperature(temperature)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    hidden = ops.convert_to_tensor(student_hidden)
+    if len(hidden.shape) not in (2, 3) or hidden.shape[-1] is None:
+        raise ValueError(
+            "Invalid `student_hidden`: expected hidden states of shape (batch, sequence, "
+            f"hidden) or (tokens, hidden). Received shape {tuple(hidden.shape)}."
+        )
+    leading = tuple(hidden.shape[:-1])
+    dtype = core.computation_dtype(keras.backend.standardize_dtype(hidden.dtype))
+    student = _projection_head("student_head", student_head, hidden.shape[-1], dtype)
+    if isinstance(teacher, (tuple, list)):
+        if len(teacher) != 2:
+            raise ValueError(
+                "Invalid `teacher`: expected logits or a (teacher_hidden, teacher_head) "
+                f"pair. Received a sequence of {len(teacher)} items."
+            )
+        teacher_rows = _rows(teacher[0], leading, "teacher_hidden", teacher[0].shape[-1])
+        teacher_head = _projection_head("teacher_head", teacher[1], teacher_rows.shape[-1], dtype)
+        vocabulary_size = teacher_head.vocabulary_size
+    else:
+        teacher_rows = ops.cast(_rows(teacher, leading, "teacher", student.vocabulary_size), dtype)
+        teacher_head, vocabulary_size = None, teacher_rows.shape[-1]
+    if vocabulary_size != student.vocabulary_size:
+        raise ValueError(
+            "The teacher and the student have different vocabulary sizes: teacher "
+            f"{vocabulary_size}, student {student.vocabulary_size}."
+        )
+    rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
+    if mask is None:
+        weights = ops.ones(ops.shape(rows)[:1], dtype)
+    else:
+        weights = ops.cast(_rows(mask, leading, "mask"), dtype)
+    if isinstance(rows.shape[0], int):
+        chunk_size = max(1, min(chunk_size, rows.shape[0]))
+    teacher_params = () if teacher_head is None else teacher_head.params
+    n_student = len(student.params)
+
+    def chunk_total(
+        student_rows: Tensor, chunk_teacher: Tensor, chunk_weights: Tensor, *params: Tensor
+    ) -> Tensor:
+        real = chunk_weights > 0
+        student_rows = ops.where(real[:, None], student_rows, 0)
+        chunk_teacher = ops.where(real[:, None], chunk_teacher, 0)
+        logits = student.logits(student_rows, *params[:n_student])
+        if teacher_head is not None:
+            chunk_teacher = teacher_head.logits(chunk_teacher, *params[n_student:])
+        chunk_teacher = ops.stop_gradient(chunk_teacher)
+        values = core.divergence_values(
+            divergence, "logits", chunk_teacher, logits, -1, beta, temperature
+        )
+        return ops.sum(ops.where(real, values, 0.0) * chunk_weights)
+
+    rematerialised = keras.remat(chunk_total)
+    params = (*student.params, *teacher_params)
+    totals = ops.map(
+        lambda chunk: rematerialised(*chunk, *params),
+        tuple(_in_chunks(x, chunk_size) for x in (rows, teacher_rows, weights)),
+    )
+    total, count = _distribute.global_sums(ops.sum(totals), ops.sum(weights))
+    has_tokens = count > 0
+    return ops.where(has_tokens, total / ops.where(has_tokens, count, 1.0), 0.0)
