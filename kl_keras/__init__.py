@@ -1,7 +1,7 @@
 """kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
 from kl_keras import callbacks, metrics, schedules
-from kl_keras.distillation import LogitsDistillation
+from kl_keras.distillation import LogitsDistillation, SequenceDistiller
 from kl_keras.divergence import gaussian_kl_divergence
 from kl_keras.layers import KLActivityRegularization, VariationalSampling
 from kl_keras.losses import (
@@ -30,6 +30,7 @@ __all__ = [
     "KLDivergence",
     "LogitsDistillation",
     "ReverseKLDivergence",
+    "SequenceDistiller",
     "VariationalSampling",
     "__version__",
     "binary_kl_divergence",

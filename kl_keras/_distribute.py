@@ -53,3 +53,16 @@ def global_sums(*sums: Tensor) -> tuple[Tensor, ...]:
         if replica_context is not None and replica_context.num_replicas_in_sync > 1:
             return tuple(replica_context.all_reduce(tf.distribute.ReduceOp.SUM, s) for s in sums)
     return sums
+
+
+def per_replica(loss: Tensor) -> Tensor:
+    """A global loss as one replica's share: divided by the number of replicas under
+    `tf.distribute`, whose optimizers sum the replicas' gradients (Keras's losses do the
+    same); unchanged elsewhere."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            return loss / replicas
+    return loss

@@ -1,7 +1,7 @@
 """Knowledge distillation: from logits (a Keras loss, a `keras.distillation` loss) and, at
 language-model scale, from hidden states and an output projection, chunk by chunk."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import keras
@@ -338,36 +338,263 @@ def sequence_distillation_loss(
             f"{vocabulary_size}, student {student.vocabulary_size}."
         )
     rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
-    if mask is None:
-        weights = ops.ones(ops.shape(rows)[:1], dtype)
-    else:
-        weights = ops.cast(_rows(mask, leading, "mask"), dtype)
-    if isinstance(rows.shape[0], int):
-        chunk_size = max(1, min(chunk_size, rows.shape[0]))
+    weights = _token_weights(mask, leading, ops.shape(rows)[:1], dtype)
     teacher_params = () if teacher_head is None else teacher_head.params
     n_student = len(student.params)
 
-    def chunk_total(
-        student_rows: Tensor, chunk_teacher: Tensor, chunk_weights: Tensor, *params: Tensor
-    ) -> Tensor:
-        real = chunk_weights > 0
-        student_rows = ops.where(real[:, None], student_rows, 0)
-        chunk_teacher = ops.where(real[:, None], chunk_teacher, 0)
+    def per_token(student_rows: Tensor, chunk_teacher: Tensor, *params: Tensor) -> Tensor:
         logits = student.logits(student_rows, *params[:n_student])
         if teacher_head is not None:
             chunk_teacher = teacher_head.logits(chunk_teacher, *params[n_student:])
-        chunk_teacher = ops.stop_gradient(chunk_teacher)
-        values = core.divergence_values(
-            divergence, "logits", chunk_teacher, logits, -1, beta, temperature
+        return core.divergence_values(
+            divergence, "logits", ops.stop_gradient(chunk_teacher), logits, -1, beta, temperature
         )
+
+    params = (*student.params, *teacher_params)
+    return _token_mean(per_token, (rows, teacher_rows), weights, params, chunk_size)
+
+
+def _token_weights(mask: Tensor | None, leading: tuple[Any, ...], rows: Any, dtype: str) -> Tensor:
+    if mask is None:
+        return ops.ones(rows, dtype)
+    return ops.cast(_rows(mask, leading, "mask"), dtype)
+
+
+def _token_mean(
+    per_token: Callable[..., Tensor],
+    arrays: Sequence[Tensor],
+    weights: Tensor,
+    params: Sequence[Tensor],
+    chunk_size: int,
+) -> Tensor:
+    """sum(weights * per_token(*arrays, *params)) / sum(weights), over rows, in chunks.
+
+    `per_token` maps a chunk of each of `arrays` (rows first) and the `params` to one value
+    per row. It sees the chunks `chunk_size` rows at a time, rematerialised in the backward
+    pass; rows of weight 0 are replaced by zeros before it sees them, and left out.
+    """
+    if isinstance(weights.shape[0], int):
+        chunk_size = max(1, min(chunk_size, weights.shape[0]))
+
+    def chunk_total(chunk_weights: Tensor, *chunk_and_params: Tensor) -> Tensor:
+        real = chunk_weights > 0
+        chunk = [
+            ops.where(ops.reshape(real, (-1,) + (1,) * (len(x.shape) - 1)), x, ops.zeros_like(x))
+            for x in chunk_and_params[: len(arrays)]
+        ]
+        values = per_token(*chunk, *chunk_and_params[len(arrays) :])
         return ops.sum(ops.where(real, values, 0.0) * chunk_weights)
 
     rematerialised = keras.remat(chunk_total)
-    params = (*student.params, *teacher_params)
     totals = ops.map(
         lambda chunk: rematerialised(*chunk, *params),
-        tuple(_in_chunks(x, chunk_size) for x in (rows, teacher_rows, weights)),
+        tuple(_in_chunks(x, chunk_size) for x in (weights, *arrays)),
     )
     total, count = _distribute.global_sums(ops.sum(totals), ops.sum(weights))
     has_tokens = count > 0
     return ops.where(has_tokens, total / ops.where(has_tokens, count, 1.0), 0.0)
+
+
+def _sequence_cross_entropy(
+    hidden: Tensor, head: _Head, labels: Tensor, weights: Tensor, chunk_size: int
+) -> Tensor:
+    """The mean next-token cross-entropy over real tokens, in chunks like the loss above."""
+
+    def per_token(rows: Tensor, chunk_labels: Tensor, *params: Tensor) -> Tensor:
+        logits = head.logits(rows, *params)
+        picked = ops.take_along_axis(logits, ops.cast(chunk_labels, "int32")[:, None], axis=-1)
+        return ops.logsumexp(logits, axis=-1) - picked[:, 0]
+
+    rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
+    return _token_mean(
+        per_token, (rows, ops.reshape(labels, (-1,))), weights, head.params, chunk_size
+    )
+
+
+def _split(name: str, model: keras.Model) -> tuple[keras.Model, Any, int]:
+    """(the model of its hidden states, its head, its vocabulary size) of a sequence model."""
+    backbone = getattr(model, "backbone", None)
+    embedding = getattr(backbone, "token_embedding", None)
+    if backbone is not None and embedding is not None:  # a KerasHub CausalLM
+
+        def head(h: Tensor) -> Tensor:
+            return embedding(h, reverse=True)
+
+        return backbone, head, int(embedding.input_dim)
+    last = model.layers[-1] if getattr(model, "layers", None) else None
+    if isinstance(last, keras.layers.Dense) and last.activation is keras.activations.linear:
+        hidden = keras.Model(model.input, last.input)
+        return hidden, last, int(last.units)
+    raise ValueError(
+        f"Invalid `{name}`: expected a KerasHub CausalLM (a `backbone` with a "
+        "`token_embedding`) or a built functional or Sequential model whose last layer is "
+        f"a Dense layer without activation (its logits). Received: {name}={model!r}"
+    )
+
+
+@keras.saving.register_keras_serializable(package="kl_keras")
+class SequenceDistiller(keras.Model):
+    """Distills one sequence model into another, token by token, without full logits.
+
+    `compile` / `fit` / `evaluate` train the student on
+    `sequence_distillation_loss` (the mean over real tokens of
+    T²·D(teacher ‖ student), chunk by chunk), optionally plus
+    `student_loss_weight` times its own next-token cross-entropy (also
+    chunked; default 0: distillation alone). The teacher is frozen.
+
+    ```python
+    loss = sequence_distillation_loss(h_student, head_student, (h_teacher, head_teacher),
+                                      mask, divergence, beta, temperature, chunk_size)
+    loss += student_loss_weight * mean_cross_entropy(head_student(h_student), y, mask)
+    ```
+
+    How each model is split into hidden states and head:
+    a KerasHub `CausalLM` gives `model.backbone(x)` and
+    `backbone.token_embedding(h, reverse=True)` (tied embeddings and any soft-cap
+    applied by the layer); any other built functional or Sequential model must end
+    in a `Dense` layer without activation, which is the head, and the rest
+    (`keras.Model(model.input, last_dense.input)`) gives the hidden states.
+
+    Data: as KerasHub preprocessors produce it, `x` (a dict with `token_ids` and
+    `padding_mask`, or any input of the models), `y` (next-token ids, used only
+    when `student_loss_weight > 0`; Keras passes `sample_weight` on only with a `y`)
+    and `sample_weight`. The token weights are `sample_weight` when given, else
+    `x["padding_mask"]`, else 1 for every token.
+
+    `call` returns the student's last hidden states (what the loss takes); the
+    student's logits are `distiller.student(x)`. Logged: `loss`,
+    `distillation_loss` (the mean over the epoch's real tokens) and `tokens` (the
+    number of real tokens seen in the epoch).
+
+    Args:
+        teacher: the teacher model (frozen here).
+        student: the student model.
+        divergence, beta, temperature, chunk_size: as in
+            `sequence_distillation_loss`.
+        student_loss_weight: weight of the student's own cross-entropy, >= 0.
+        vocabulary_size: the number of leading vocabulary entries compared when the
+            two models' vocabularies differ in size (padded vocabularies); None
+            requires equal sizes.
+        **kwargs: passed to `keras.Model` (`name`, ...).
+    """
+
+    def __init__(
+        self,
+        teacher: keras.Model,
+        student: keras.Model,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        student_loss_weight: float = 0.0,
+        vocabulary_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.divergence = _checks.check_choice(
+            "divergence", divergence, core.DISTILLATION_DIVERGENCES
+        )
+        self.beta = _checks.check_beta(beta)
+        self.temperature = _checks.check_temperature(temperature)
+        self.chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+        self.student_loss_weight = _checks.check_weight("student_loss_weight", student_loss_weight)
+        self.teacher, self.student = teacher, student
+        teacher.trainable = False
+        self._teacher_hidden, teacher_head, teacher_size = _split("teacher", teacher)
+        self._student_hidden, student_head, student_size = _split("student", student)
+        if vocabulary_size is None:
+            if teacher_size != student_size:
+                raise ValueError(
+                    "The teacher and the student have different vocabulary sizes: teacher "
+                    f"{teacher_size}, student {student_size}. Pass `vocabulary_size=n` to "
+                    "compare the first n entries of each (padded vocabularies)."
+                )
+        else:
+            vocabulary_size = _checks.check_positive_int("vocabulary_size", vocabulary_size)
+            if vocabulary_size > min(teacher_size, student_size):
+                raise ValueError(
+                    "Invalid value for argument `vocabulary_size`. Expected at most the "
+                    f"smaller vocabulary (teacher {teacher_size}, student {student_size}). "
+                    f"Received: vocabulary_size={vocabulary_size}"
+                )
+            teacher_head = _leading_entries(teacher_head, vocabulary_size)
+            student_head = _leading_entries(student_head, vocabulary_size)
+        self.vocabulary_size = vocabulary_size
+        self._teacher_head, self._student_head = teacher_head, student_head
+        self.distillation_tracker = keras.metrics.Mean(name="distillation_loss")
+        self.token_counter = keras.metrics.Sum(name="tokens")
+
+    def call(self, inputs: Any, training: bool | None = None) -> Tensor:
+        return self._student_hidden(inputs, training=training)
+
+    def compute_loss(
+        self,
+        x: Any = None,
+        y: Any = None,
+        y_pred: Any = None,
+        sample_weight: Any = None,
+        training: bool | None = True,
+    ) -> Tensor:
+        hidden = self(x, training=training) if y_pred is None else y_pred
+        teacher_hidden = ops.stop_gradient(self._teacher_hidden(x, training=False))
+        if sample_weight is None and isinstance(x, dict) and "padding_mask" in x:
+            sample_weight = x["padding_mask"]
+        loss = sequence_distillation_loss(
+            hidden,
+            self._student_head,
+            (teacher_hidden, self._teacher_head),
+            sample_weight,
+            self.divergence,
+            self.beta,
+            self.temperature,
+            self.chunk_size,
+        )
+        weights = _token_weights(
+            sample_weight, tuple(hidden.shape[:-1]), ops.shape(hidden)[:-1], "float32"
+        )
+        (tokens,) = _distribute.global_sums(ops.sum(weights > 0))
+        self.distillation_tracker.update_state(loss, sample_weight=tokens)
+        self.token_counter.update_state(tokens)
+        total = loss
+        if self.student_loss_weight > 0:
+            head = _projection_head(
+                "student",
+                self._student_head,
+                hidden.shape[-1],
+                core.computation_dtype(keras.backend.standardize_dtype(hidden.dtype)),
+            )
+            cross_entropy = _sequence_cross_entropy(
+                hidden, head, y, ops.reshape(weights, (-1,)), self.chunk_size
+            )
+            total = total + self.student_loss_weight * cross_entropy
+        return _distribute.per_replica(total)
+
+    def get_config(self) -> Config:
+        config = super().get_config()
+        config.update(
+            {
+                "teacher": keras.saving.serialize_keras_object(self.teacher),
+                "student": keras.saving.serialize_keras_object(self.student),
+                "divergence": self.divergence,
+                "beta": self.beta,
+                "temperature": self.temperature,
+                "chunk_size": self.chunk_size,
+                "student_loss_weight": self.student_loss_weight,
+                "vocabulary_size": self.vocabulary_size,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: Config) -> "SequenceDistiller":
+        config = dict(config)
+        for key in ("teacher", "student"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def _leading_entries(head: Any, n: int) -> Callable[[Tensor], Tensor]:
+    def first_n(h: Tensor) -> Tensor:
+        return head(h)[:, :n]
+
+    return first_n

@@ -228,3 +228,98 @@ def test_vae_under_mirrored_strategy_matches_one_device(tmp_path):
 def test_vae_under_jax_data_parallel_matches_one_device(tmp_path):
     output = run_in_fresh_process(DATA_PARALLEL.format(common=VAE), cwd=tmp_path)
     assert_same_vae_run(json.loads(output.strip().splitlines()[-1]))
+
+
+# SequenceDistiller on 8 JAX host devices: the head's vocabulary axis sharded over 4 of
+# them (ModelParallel, a 2 x 4 mesh), or the batch over all 8 (DataParallel). The loss,
+# one epoch of training and the token count must be those of one device.
+SEQUENCES = """
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json
+import jax
+import numpy as np
+import keras
+import kl_keras
+
+V, T = 32, 8
+rng = np.random.default_rng(0)
+x = rng.integers(0, V, size=(32, T)).astype("int32")
+weights = (np.arange(T) < rng.integers(2, T + 1, size=(32, 1))).astype("float32")
+
+
+def language_model(width, seed):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((T,), dtype="int32")
+    h = keras.layers.Embedding(V, width, embeddings_initializer="random_normal")(tokens)
+    h = keras.layers.Dense(width, activation="tanh", kernel_initializer="random_normal")(
+        keras.layers.Dense(width, kernel_initializer=keras.initializers.RandomNormal(0, 3))(h)
+    )
+    head = keras.layers.Dense(
+        V, kernel_initializer=keras.initializers.RandomNormal(0, 1), name=f"head{{seed}}"
+    )
+    return keras.Model(tokens, head(h))
+
+
+def run():
+    teacher, student = language_model(16, 0), language_model(8, 1)
+    initial = student.get_weights()
+    distiller = kl_keras.SequenceDistiller(
+        teacher, student, "jensen_shannon", temperature=1.5, chunk_size=24
+    )
+    distiller.compile(optimizer=keras.optimizers.SGD(0.5))
+    before = float(keras.ops.convert_to_numpy(
+        distiller.compute_loss(x, x, None, weights, training=False)
+    ))
+    history = distiller.fit(
+        x, x, sample_weight=weights, batch_size=16, epochs=2, shuffle=False, verbose=0
+    )
+    return {{
+        "loss": before,
+        "history": history.history,
+        "weights": [np.asarray(w).tolist() for w in student.get_weights()],
+        "moved": max(
+            float(np.max(np.abs(w - w0))) for w, w0 in zip(student.get_weights(), initial)
+        ),
+        "kernel_sharding": str(student.get_layer("head1").kernel.value.sharding),
+    }}
+
+
+report = {{"devices": len(jax.devices()), "one": run()}}
+mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], jax.devices())
+layout_map = keras.distribution.LayoutMap(mesh)
+layout_map["head.*kernel"] = (None, "model")
+layout_map["head.*bias"] = ("model",)
+keras.distribution.set_distribution(
+    keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+)
+report["model_parallel"] = run()
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+report["data_parallel"] = run()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on the JAX backend")
+def test_sequence_distiller_sharded_over_the_vocabulary_or_the_batch_matches_one_device(
+    tmp_path,
+):
+    report = json.loads(
+        run_in_fresh_process(SEQUENCES.format(), cwd=tmp_path).strip().splitlines()[-1]
+    )
+    assert report["devices"] == 8
+    one = report["one"]
+    assert "model" in report["model_parallel"]["kernel_sharding"]  # the vocabulary is split
+    tokens = one["history"]["tokens"]
+    assert tokens[0] == tokens[1] > 0
+    assert one["moved"] > 1e-2 and one["loss"] > 1e-2  # a real step, not a no-op
+    for name in ("model_parallel", "data_parallel"):
+        run = report[name]
+        np.testing.assert_allclose(run["loss"], one["loss"], rtol=1e-5)
+        assert run["history"]["tokens"] == tokens  # the global count
+        np.testing.assert_allclose(
+            run["history"]["distillation_loss"], one["history"]["distillation_loss"], rtol=1e-5
+        )
+        for a, b in zip(run["weights"], one["weights"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
