@@ -154,7 +154,7 @@ class _Head(NamedTuple):
     """An output projection: `logits(rows, *params)` gives (n, V) float logits.
 
     Every tensor the head needs is one of `params`, an explicit argument of each chunk
-    (see `_chunked_sum`); a callable's Keras variables are found by calling it once and
+    (see `_token_mean`); a callable's Keras variables are found by calling it once and
     bound to their values with a `keras.StatelessScope` inside the chunk.
     """
 
@@ -225,10 +225,11 @@ def _rows(x: Tensor, leading: tuple[Any, ...], name: str, size: Any = None) -> T
 
 
 def _in_chunks(x: Tensor, chunk_size: int) -> Tensor:
-    """Rows (N, ...) as (ceil(N / chunk_size), chunk_size, ...), zero rows appended."""
+    """Rows (N, ...) as (ceil(N / chunk_size), chunk_size, ...), zero rows appended (a copy
+    of `x` only where N is not known to be a multiple of `chunk_size`)."""
     missing = (-ops.shape(x)[0]) % chunk_size
-    padding = ops.zeros((missing, *x.shape[1:]), x.dtype)
-    x = ops.concatenate([x, padding], axis=0)
+    if not (isinstance(missing, int) and missing == 0):
+        x = ops.concatenate([x, ops.zeros((missing, *x.shape[1:]), x.dtype)], axis=0)
     return ops.reshape(x, (-1, chunk_size, *x.shape[1:]))
 
 
