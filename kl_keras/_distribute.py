@@ -56,13 +56,13 @@ def global_sums(*sums: Tensor) -> tuple[Tensor, ...]:
 
 
 def per_replica(loss: Tensor) -> Tensor:
-    """A global loss as one replica's share: divided by the number of replicas under
-    `tf.distribute`, whose optimizers sum the replicas' gradients (Keras's losses do the
-    same); unchanged elsewhere."""
+    """A global loss as one replica's share: divided by the number of replicas inside a
+    `tf.distribute` replica, whose gradients the optimizer sums (Keras's losses are scaled
+    the same way); unchanged elsewhere, where the loss is already that of the whole batch."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            return loss / replicas
+        replica_context = tf.distribute.get_replica_context()
+        if replica_context is not None and replica_context.num_replicas_in_sync > 1:
+            return loss / replica_context.num_replicas_in_sync
     return loss

@@ -553,7 +553,8 @@ class SequenceDistiller(keras.Model):
         weights = _token_weights(
             sample_weight, tuple(hidden.shape[:-1]), ops.shape(hidden)[:-1], "float32"
         )
-        (tokens,) = _distribute.global_sums(ops.sum(weights > 0))
+        # This replica's tokens: under tf.distribute the metrics sum over replicas.
+        tokens = ops.sum(ops.cast(weights > 0, "float32"))
         self.distillation_tracker.update_state(loss, sample_weight=tokens)
         self.token_counter.update_state(tokens)
         total = loss

@@ -230,15 +230,10 @@ def test_vae_under_jax_data_parallel_matches_one_device(tmp_path):
     assert_same_vae_run(json.loads(output.strip().splitlines()[-1]))
 
 
-# SequenceDistiller on 8 JAX host devices: the head's vocabulary axis sharded over 4 of
-# them (ModelParallel, a 2 x 4 mesh), or the batch over all 8 (DataParallel). The loss,
-# one epoch of training and the token count must be those of one device.
-SEQUENCES = """
-import os
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# SequenceDistiller, its padding uneven across replicas (a per-replica mean would differ):
+# `run()` returns the loss, two epochs of training and the token count.
+SEQUENCE_COMMON = """
 import json
-import jax
 import numpy as np
 import keras
 import kl_keras
@@ -257,7 +252,7 @@ def language_model(width, seed):
         keras.layers.Dense(width, kernel_initializer=keras.initializers.RandomNormal(0, 3))(h)
     )
     head = keras.layers.Dense(
-        V, kernel_initializer=keras.initializers.RandomNormal(0, 1), name=f"head{{seed}}"
+        V, kernel_initializer=keras.initializers.RandomNormal(0, 1), name=f"head{seed}"
     )
     return keras.Model(tokens, head(h))
 
@@ -275,17 +270,25 @@ def run():
     history = distiller.fit(
         x, x, sample_weight=weights, batch_size=16, epochs=2, shuffle=False, verbose=0
     )
-    return {{
+    return {
         "loss": before,
         "history": history.history,
         "weights": [np.asarray(w).tolist() for w in student.get_weights()],
         "moved": max(
             float(np.max(np.abs(w - w0))) for w, w0 in zip(student.get_weights(), initial)
         ),
-        "kernel_sharding": str(student.get_layer("head1").kernel.value.sharding),
-    }}
+        "kernel_sharding": str(getattr(student.get_layer("head1").kernel.value, "sharding", "")),
+    }
+"""
 
+# On 8 JAX host devices: the head's vocabulary axis sharded over 4 of them (ModelParallel,
+# a 2 x 4 mesh), or the batch over all 8 (DataParallel).
+SEQUENCES_JAX = """
+import os
 
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+{common}
 report = {{"devices": len(jax.devices()), "one": run()}}
 mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], jax.devices())
 layout_map = keras.distribution.LayoutMap(mesh)
@@ -300,21 +303,29 @@ report["data_parallel"] = run()
 print(json.dumps(report))
 """
 
+SEQUENCES_MIRRORED = """
+import tensorflow as tf
 
-@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on the JAX backend")
-def test_sequence_distiller_sharded_over_the_vocabulary_or_the_batch_matches_one_device(
-    tmp_path,
-):
-    report = json.loads(
-        run_in_fresh_process(SEQUENCES.format(), cwd=tmp_path).strip().splitlines()[-1]
-    )
-    assert report["devices"] == 8
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+{common}
+report = {{"one": run()}}
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    report["mirrored"] = run()
+report["devices"] = strategy.num_replicas_in_sync
+print(json.dumps(report))
+"""
+
+
+def assert_same_sequence_runs(report, names):
     one = report["one"]
-    assert "model" in report["model_parallel"]["kernel_sharding"]  # the vocabulary is split
     tokens = one["history"]["tokens"]
     assert tokens[0] == tokens[1] > 0
     assert one["moved"] > 1e-2 and one["loss"] > 1e-2  # a real step, not a no-op
-    for name in ("model_parallel", "data_parallel"):
+    for name in names:
         run = report[name]
         np.testing.assert_allclose(run["loss"], one["loss"], rtol=1e-5)
         assert run["history"]["tokens"] == tokens  # the global count
@@ -323,3 +334,22 @@ def test_sequence_distiller_sharded_over_the_vocabulary_or_the_batch_matches_one
         )
         for a, b in zip(run["weights"], one["weights"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on the JAX backend")
+def test_sequence_distiller_sharded_over_the_vocabulary_or_the_batch_matches_one_device(
+    tmp_path,
+):
+    code = SEQUENCES_JAX.format(common=SEQUENCE_COMMON)
+    report = json.loads(run_in_fresh_process(code, cwd=tmp_path).strip().splitlines()[-1])
+    assert report["devices"] == 8
+    assert "model" in report["model_parallel"]["kernel_sharding"]  # the vocabulary is split
+    assert_same_sequence_runs(report, ["model_parallel", "data_parallel"])
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute runs on TensorFlow")
+def test_sequence_distiller_under_mirrored_strategy_matches_one_device(tmp_path):
+    code = SEQUENCES_MIRRORED.format(common=SEQUENCE_COMMON)
+    report = json.loads(run_in_fresh_process(code, cwd=tmp_path).strip().splitlines()[-1])
+    assert report["devices"] == 2
+    assert_same_sequence_runs(report, ["mirrored"])
