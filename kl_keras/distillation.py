@@ -470,8 +470,10 @@ class SequenceDistiller(keras.Model):
     Args:
         teacher: the teacher model (frozen here).
         student: the student model.
-        divergence, beta, temperature, chunk_size: as in
-            `sequence_distillation_loss`.
+        divergence: as in `sequence_distillation_loss`.
+        beta: as in `sequence_distillation_loss`.
+        temperature: as in `sequence_distillation_loss`.
+        chunk_size: as in `sequence_distillation_loss`.
         student_loss_weight: weight of the student's own cross-entropy, >= 0.
         vocabulary_size: the number of leading vocabulary entries compared when the
             two models' vocabularies differ in size (padded vocabularies); None
