@@ -18,7 +18,7 @@ DIVERGENCES = ["kl", "reverse_kl", "jeffreys", "jensen_shannon"]
 B, T, H, V = 3, 11, 8, 13  # N = 33 tokens
 
 
-def padding_mask(rng):
+def padding_mask():
     """Padding at the start, in the middle and at the end of the sequences."""
     mask = np.ones((B, T), "float32")
     mask[0, :3] = 0
@@ -40,7 +40,7 @@ def problem(seed=0, close=False):
         teacher = teacher.astype("float32")
     else:
         teacher = (2 * rng.normal(size=(B, T, V))).astype("float32")
-    return hidden, kernel, teacher, padding_mask(rng)
+    return hidden, kernel, teacher, padding_mask()
 
 
 def dense_reference(name, hidden, kernel, teacher, mask, temperature, beta=0.3, bias=0.0):
