@@ -63,16 +63,26 @@ def assert_gradient_close(actual, expected, tolerance=1e-5):
     np.testing.assert_array_less(np.abs(actual - expected), tolerance * scale + 1e-30)
 
 
+# Every divergence at both temperatures with chunks of 1, of 7 (33 = 4·7 + 5), larger than N
+# and exactly N; close to its teacher with a partial and a whole chunk.
+CHUNKINGS = (
+    [
+        (name, temperature, chunk_size, False)
+        for name in DIVERGENCES
+        for temperature in (1.0, 4.0)
+        for chunk_size in (1, 7, 256, 33)
+    ]
+    + [(name, 1.0, 33, True) for name in DIVERGENCES]
+    + [(name, 4.0, 7, True) for name in DIVERGENCES]
+)
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize(
-    "chunk_size, close",
-    # chunks of 1, of 7 (33 = 4·7 + 5), larger than N and exactly N; the close rows with
-    # partial and whole chunking
-    [(1, False), (7, False), (256, False), (33, False), (7, True), (33, True)],
-    ids=["1", "7", "256", "33", "7-close", "33-close"],
+    "name, temperature, chunk_size, close",
+    CHUNKINGS,
+    ids=[f"{n}-T{t:g}-chunk{c}{'-close' if close else ''}" for n, t, c, close in CHUNKINGS],
 )
-@pytest.mark.parametrize("temperature", [1.0, 4.0])
-@pytest.mark.parametrize("name", DIVERGENCES)
 def test_chunked_equals_dense(name, temperature, chunk_size, close):
     hidden, kernel, teacher, mask = problem(close=close)
     loss, grads = value_and_grad(
