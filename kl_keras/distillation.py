@@ -424,7 +424,9 @@ def _split(name: str, model: keras.Model) -> tuple[keras.Model, Any, int]:
         return backbone, head, int(embedding.input_dim)
     last = model.layers[-1] if getattr(model, "layers", None) else None
     if isinstance(last, keras.layers.Dense) and last.activation is keras.activations.linear:
-        hidden = keras.Model(model.input, last.input)
+        # A Sequential model has one input and is never called itself (no `model.input`).
+        inputs = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
+        hidden = keras.Model(inputs, last.input)
         return hidden, last, int(last.units)
     raise ValueError(
         f"Invalid `{name}`: expected a KerasHub CausalLM (a `backbone` with a "

@@ -54,6 +54,30 @@ def test_loss_equals_the_one_from_full_logits(name):
     np.testing.assert_allclose(float(to_numpy(loss)), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("built_by", ["list", "add"])
+def test_sequential_models_split_at_their_last_dense_layer(built_by):
+    def sequential(width, seed):
+        keras.utils.set_random_seed(seed)
+        layers = [
+            keras.layers.Embedding(V, width),
+            keras.layers.Dense(width, activation="tanh"),
+            keras.layers.Dense(V),
+        ]
+        if built_by == "list":
+            return keras.Sequential([keras.Input((T,), dtype="int32"), *layers])
+        model = keras.Sequential([keras.Input((T,), dtype="int32")])
+        for layer in layers:
+            model.add(layer)
+        return model
+
+    teacher, student = sequential(16, 0), sequential(8, 1)
+    distiller = SequenceDistiller(teacher, student, chunk_size=7)
+    x, y, weights = data()
+    loss = distiller.compute_loss(x, y, None, weights, training=False)
+    expected = full_logits_loss(to_numpy(teacher(x)), to_numpy(student(x)), weights)
+    np.testing.assert_allclose(float(to_numpy(loss)), expected, rtol=1e-5)
+
+
 def test_fit_distills_the_student_and_leaves_the_teacher_alone():
     teacher, student = language_model(16, 0), language_model(8, 1)
     teacher_weights = [w.copy() for w in teacher.get_weights()]
