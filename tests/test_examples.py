@@ -80,3 +80,22 @@ def test_vae(tmp_path):
     assert float(rows["beta=1, free bits 0.5"][1]) >= 6 * 0.5 * 0.9
     for name in ("vae_latent_space.png", "vae_samples.png", "vae_active_units.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequence_distillation(tmp_path):
+    output = run_example(
+        "sequence_distillation.py",
+        *("--epochs", "2", "--teacher-epochs", "1", "--subset", "200"),
+        *("--vocabulary", "16384", "--out", str(tmp_path)),
+    )
+    rows = dict(
+        line.strip().rsplit(maxsplit=1) for line in output.splitlines() if line.startswith("  ")
+    )
+    bits = [rows[name] for name in ("teacher", "student alone", "student distilled")]
+    assert all(0 < float(value) < 8 for value in bits)  # 8 bits: a uniform guess over bytes
+    fused = float(rows["fused (kl_keras.SequenceDistiller)"])
+    dense = float(rows["dense (keras.distillation.Distiller)"])
+    # Dense holds several (2048, 16384) float32 tensors (134 MB each); fused never one.
+    assert 0 < fused < dense / 3, (fused, dense)
+    png = (tmp_path / "sequence_distillation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,207 @@
+"""Distil a byte-level language model into a smaller one with `SequenceDistiller`.
+
+The text is Python's own help topics (`pydoc_data.topics`, about 466 KB, shipped with
+Python), one line per sequence, cut to 64 bytes and padded: the padding mask is the sample
+weight, so padding is neither learnt nor counted. A teacher (causal convolutions, 128 wide)
+learns from nine tenths of the lines; each student (32 wide) sees only a small subset of them:
+alone (its own next-byte cross-entropy) and distilled with `kl_keras.SequenceDistiller` (the
+teacher's distribution at every real byte, through the fused, chunked loss), from the same
+initial weights. The script prints each model's validation bits per byte on the last tenth
+and plots them, then measures the peak memory of one training step of the fused loss and of
+the dense one (`keras.distillation.Distiller`, both models' full logits) at a 32768-entry
+vocabulary, each in a fresh process.
+
+    python examples/sequence_distillation.py [--epochs 8] [--out examples/output]
+
+Runs on any Keras backend (set KERAS_BACKEND); nothing is downloaded.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import keras
+import matplotlib
+import numpy as np
+
+import kl_keras
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+LENGTH = 64  # bytes per sequence
+
+
+def data():
+    """(x, y, mask) of the training and validation lines: bytes, next bytes, real-byte mask."""
+    from pydoc_data.topics import topics
+
+    lines = [line for line in "".join(topics.values()).encode().split(b"\n") if line.strip()]
+    tokens = np.zeros((len(lines), LENGTH + 1), "int32")
+    mask = np.zeros((len(lines), LENGTH), "float32")
+    for i, line in enumerate(lines):
+        line = line[: LENGTH + 1]
+        tokens[i, : len(line)] = list(line)
+        mask[i, : len(line) - 1] = 1.0
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    split = len(lines) * 9 // 10
+    return (x[:split], y[:split], mask[:split]), (x[split:], y[split:], mask[split:])
+
+
+def language_model(width, layers, vocabulary=256, name=None):
+    """Embedding, causal convolutions, and a `Dense` head (what `SequenceDistiller` splits)."""
+    model = keras.Sequential([keras.Input((LENGTH,), dtype="int32")], name=name)
+    model.add(keras.layers.Embedding(vocabulary, width))
+    for i in range(layers):
+        model.add(
+            keras.layers.Conv1D(width, 4, padding="causal", dilation_rate=2**i, activation="relu")
+        )
+    model.add(keras.layers.Dense(vocabulary))  # the head: logits
+    return model
+
+
+def bits_per_byte(model, x, y, mask):
+    logits = keras.ops.convert_to_numpy(model.predict(x, batch_size=256, verbose=0))
+    logits = logits.astype("float64")
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    nats = log_z - np.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return float((nats * mask).sum() / mask.sum() / math.log(2))
+
+
+def measure(contender, vocabulary, tokens):
+    """The peak resident memory (GB) a training step adds, in this process, once compiled."""
+    batch = tokens // LENGTH
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(batch, LENGTH)).astype("int32")
+    y = np.roll(x, -1, axis=1)
+    teacher = language_model(128, 3, vocabulary)
+    student = language_model(32, 2, vocabulary)
+    if contender == "fused":
+        model = kl_keras.SequenceDistiller(teacher, student, chunk_size=256)
+        model.compile(keras.optimizers.Adam(1e-3))
+    else:
+        teacher.trainable = False
+        model = keras.distillation.Distiller(
+            teacher,
+            student,
+            distillation_losses=kl_keras.LogitsDistillation(),
+            student_loss_weight=0.0,
+        )
+        model.compile(keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)  # compiles
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (Linux): what follows is the step alone
+    baseline = resident("VmRSS")
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    return (resident("VmHWM") - baseline) / 1e9
+
+
+def resident(field):
+    """VmRSS (now) or VmHWM (the peak since the reset), in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=4)
+    parser.add_argument("--subset", type=int, default=800, help="lines the students see")
+    parser.add_argument("--vocabulary", type=int, default=32768, help="for the memory measure")
+    parser.add_argument("--tokens", type=int, default=2048, help="for the memory measure")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("examples/output"))
+    parser.add_argument("--measure", choices=("fused", "dense"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print("RESULT", json.dumps(measure(args.measure, args.vocabulary, args.tokens)))
+        return
+
+    keras.utils.set_random_seed(0)
+    (x, y, mask), validation = data()
+    teacher = language_model(128, 3, name="teacher")
+    teacher.compile(
+        keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    teacher.fit(x, y, sample_weight=mask, epochs=args.teacher_epochs, batch_size=64, verbose=0)
+    results = {"teacher": bits_per_byte(teacher, *validation)}
+
+    subset = slice(0, args.subset)
+    initial = language_model(32, 2).get_weights()
+
+    def fresh_student():
+        student = language_model(32, 2, name="student")
+        student.set_weights(initial)
+        return student
+
+    student = fresh_student()
+    student.compile(
+        keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    student.fit(
+        x[subset],
+        y[subset],
+        sample_weight=mask[subset],
+        epochs=args.epochs,
+        batch_size=32,
+        verbose=0,
+    )
+    results["student alone"] = bits_per_byte(student, *validation)
+
+    student = fresh_student()
+    distiller = kl_keras.SequenceDistiller(teacher, student, chunk_size=512)
+    distiller.compile(keras.optimizers.Adam(3e-3))
+    distiller.fit(
+        x[subset],
+        y[subset],
+        sample_weight=mask[subset],
+        epochs=args.epochs,
+        batch_size=32,
+        verbose=0,
+    )
+    results["student distilled"] = bits_per_byte(student, *validation)
+
+    real = int(validation[2].sum())
+    print(f"backend {keras.backend.backend()}: students trained on {args.subset} lines")
+    print(f"validation bits per byte ({real} bytes):")
+    for name, value in results.items():
+        print(f"  {name:<44}{value:.3f}")
+
+    memory = {}
+    for contender, label in (
+        ("fused", "fused (kl_keras.SequenceDistiller)"),
+        ("dense", "dense (keras.distillation.Distiller)"),
+    ):
+        command = [sys.executable, __file__, "--measure", contender]
+        command += ["--vocabulary", str(args.vocabulary), "--tokens", str(args.tokens)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        result = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+        memory[label] = json.loads(result[-1][len("RESULT ") :])
+    print(f"peak memory of a training step, GB ({args.tokens} tokens, V={args.vocabulary}):")
+    for name, value in memory.items():
+        print(f"  {name:<44}{value:.3f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.barh(list(results), list(results.values()), color=["gray", "tab:red", "tab:blue"])
+    left.invert_yaxis()
+    left.set_xlabel("validation bits per byte")
+    right.barh(list(memory), list(memory.values()), color=["tab:blue", "tab:red"])
+    right.invert_yaxis()
+    right.set_xlabel(f"peak memory of a step, GB (V={args.vocabulary})")
+    figure.suptitle(f"Distilling a byte-level language model ({keras.backend.backend()})")
+    figure.tight_layout()
+    path = args.out / "sequence_distillation.png"
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
