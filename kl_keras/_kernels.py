@@ -44,6 +44,22 @@ def read_value(x: Any) -> Tensor:
     return ops.convert_to_tensor(x)
 
 
+def sequential_map(f: Callable[[Any], Tensor], xs: Any, dtype: str) -> Tensor:
+    """`keras.ops.map(f, xs)` for an `f` that returns a scalar of `dtype`, one element after
+    another on every backend.
+
+    TensorFlow only: `tf.map_fn` (Keras's `map`) runs up to 10 iterations at once in a
+    graph, each holding its own temporaries: a chunked loss then held about ten chunks
+    (measured: 1.40 GB instead of 0.56 GB for chunks of 256 × 32768 logits, and no
+    faster on a CPU). JAX's and PyTorch's loops already run one iteration at a time.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.map_fn(f, xs, fn_output_signature=tf.TensorSpec((), dtype), parallel_iterations=1)
+    return ops.map(f, xs)
+
+
 def log_sigmoids(logits: Tensor) -> tuple[Tensor, Tensor]:
     """`(log_sigmoid(logits), log_sigmoid(-logits))`, each exact with its derivatives at 0.
 

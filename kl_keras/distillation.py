@@ -1,13 +1,13 @@
 """Knowledge distillation: from logits (a Keras loss, a `keras.distillation` loss) and, at
 language-model scale, from hidden states and an output projection, chunk by chunk."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 
-from kl_keras import _checks, _distribute, _kernels, _shell
+from kl_keras import _checks, _chunked, _distribute, _kernels, _shell
 from kl_keras import divergence as core
 from kl_keras._types import Config, Tensor
 
@@ -154,7 +154,7 @@ class _Head(NamedTuple):
     """An output projection: `logits(rows, *params)` gives (n, V) float logits.
 
     Every tensor the head needs is one of `params`, an explicit argument of each chunk
-    (see `_token_mean`); a callable's Keras variables are found by calling it once and
+    (see `_chunked.token_mean`); a callable's Keras variables are found by calling it once and
     bound to their values with a `keras.StatelessScope` inside the chunk.
     """
 
@@ -208,29 +208,6 @@ def _projection_head(name: str, head: Any, hidden_size: int, dtype: str) -> _Hea
         return logits + values[1] if len(values) == 2 else logits
 
     return _Head(project, params, vocabulary_size)
-
-
-def _rows(x: Tensor, leading: tuple[Any, ...], name: str, size: Any = None) -> Tensor:
-    """`x` of shape `leading + (size,)` (or `leading` when `size` is None), as rows."""
-    x = ops.convert_to_tensor(x)
-    expected = leading if size is None else (*leading, size)
-    if len(x.shape) != len(expected) or any(
-        a is not None and b is not None and a != b for a, b in zip(x.shape, expected, strict=True)
-    ):
-        raise ValueError(
-            f"Invalid `{name}`: expected shape {expected}, matching the student's hidden "
-            f"states. Received shape {tuple(x.shape)}."
-        )
-    return ops.reshape(x, (-1,) if size is None else (-1, x.shape[-1]))
-
-
-def _in_chunks(x: Tensor, chunk_size: int) -> Tensor:
-    """Rows (N, ...) as (ceil(N / chunk_size), chunk_size, ...), zero rows appended (a copy
-    of `x` only where N is not known to be a multiple of `chunk_size`)."""
-    missing = (-ops.shape(x)[0]) % chunk_size
-    if not (isinstance(missing, int) and missing == 0):
-        x = ops.concatenate([x, ops.zeros((missing, *x.shape[1:]), x.dtype)], axis=0)
-    return ops.reshape(x, (-1, chunk_size, *x.shape[1:]))
 
 
 def sequence_distillation_loss(
@@ -327,11 +304,13 @@ def sequence_distillation_loss(
                 "Invalid `teacher`: expected logits or a (teacher_hidden, teacher_head) "
                 f"pair. Received a sequence of {len(teacher)} items."
             )
-        teacher_rows = _rows(teacher[0], leading, "teacher_hidden", teacher[0].shape[-1])
+        teacher_rows = _chunked.rows(teacher[0], leading, "teacher_hidden", teacher[0].shape[-1])
         teacher_head = _projection_head("teacher_head", teacher[1], teacher_rows.shape[-1], dtype)
         vocabulary_size = teacher_head.vocabulary_size
     else:
-        teacher_rows = ops.cast(_rows(teacher, leading, "teacher", student.vocabulary_size), dtype)
+        teacher_rows = ops.cast(
+            _chunked.rows(teacher, leading, "teacher", student.vocabulary_size), dtype
+        )
         teacher_head, vocabulary_size = None, teacher_rows.shape[-1]
     if vocabulary_size != student.vocabulary_size:
         raise ValueError(
@@ -339,7 +318,7 @@ def sequence_distillation_loss(
             f"{vocabulary_size}, student {student.vocabulary_size}."
         )
     rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
-    weights = _token_weights(mask, leading, ops.shape(rows)[:1], dtype)
+    weights = _chunked.token_weights(mask, leading, ops.shape(rows)[:1], dtype)
     teacher_params = () if teacher_head is None else teacher_head.params
     n_student = len(student.params)
 
@@ -352,48 +331,7 @@ def sequence_distillation_loss(
         )
 
     params = (*student.params, *teacher_params)
-    return _token_mean(per_token, (rows, teacher_rows), weights, params, chunk_size)
-
-
-def _token_weights(mask: Tensor | None, leading: tuple[Any, ...], rows: Any, dtype: str) -> Tensor:
-    if mask is None:
-        return ops.ones(rows, dtype)
-    return ops.cast(_rows(mask, leading, "mask"), dtype)
-
-
-def _token_mean(
-    per_token: Callable[..., Tensor],
-    arrays: Sequence[Tensor],
-    weights: Tensor,
-    params: Sequence[Tensor],
-    chunk_size: int,
-) -> Tensor:
-    """sum(weights * per_token(*arrays, *params)) / sum(weights), over rows, in chunks.
-
-    `per_token` maps a chunk of each of `arrays` (rows first) and the `params` to one value
-    per row. It sees the chunks `chunk_size` rows at a time, rematerialised in the backward
-    pass; rows of weight 0 are replaced by zeros before it sees them, and left out.
-    """
-    if isinstance(weights.shape[0], int):
-        chunk_size = max(1, min(chunk_size, weights.shape[0]))
-
-    def chunk_total(chunk_weights: Tensor, *chunk_and_params: Tensor) -> Tensor:
-        real = chunk_weights > 0
-        chunk = [
-            ops.where(ops.reshape(real, (-1,) + (1,) * (len(x.shape) - 1)), x, ops.zeros_like(x))
-            for x in chunk_and_params[: len(arrays)]
-        ]
-        values = per_token(*chunk, *chunk_and_params[len(arrays) :])
-        return ops.sum(ops.where(real, values, 0.0) * chunk_weights)
-
-    rematerialised = keras.remat(chunk_total)
-    totals = ops.map(
-        lambda chunk: rematerialised(*chunk, *params),
-        tuple(_in_chunks(x, chunk_size) for x in (weights, *arrays)),
-    )
-    total, count = _distribute.global_sums(ops.sum(totals), ops.sum(weights))
-    has_tokens = count > 0
-    return ops.where(has_tokens, total / ops.where(has_tokens, count, 1.0), 0.0)
+    return _chunked.token_mean(per_token, (rows, teacher_rows), weights, params, chunk_size)
 
 
 def _sequence_cross_entropy(
@@ -407,7 +345,7 @@ def _sequence_cross_entropy(
         return ops.logsumexp(logits, axis=-1) - picked[:, 0]
 
     rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
-    return _token_mean(
+    return _chunked.token_mean(
         per_token, (rows, ops.reshape(labels, (-1,))), weights, head.params, chunk_size
     )
 
@@ -554,7 +492,7 @@ class SequenceDistiller(keras.Model):
             self.temperature,
             self.chunk_size,
         )
-        weights = _token_weights(
+        weights = _chunked.token_weights(
             sample_weight, tuple(hidden.shape[:-1]), ops.shape(hidden)[:-1], "float32"
         )
         # This replica's tokens: under tf.distribute the metrics sum over replicas.
