@@ -1,6 +1,6 @@
 """kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
-from kl_keras import callbacks, metrics, schedules
+from kl_keras import callbacks, metrics, policy, schedules
 from kl_keras.distillation import LogitsDistillation, SequenceDistiller
 from kl_keras.divergence import gaussian_kl_divergence
 from kl_keras.layers import KLActivityRegularization, VariationalSampling
@@ -17,6 +17,7 @@ from kl_keras.losses import (
     kld,
     reverse_kl_divergence,
 )
+from kl_keras.policy import PolicyKL, policy_kl, policy_kl_from_logits
 from kl_keras.regularizers import KLActivityRegularizer
 
 __version__ = "0.2.0"
@@ -29,6 +30,7 @@ __all__ = [
     "KLActivityRegularizer",
     "KLDivergence",
     "LogitsDistillation",
+    "PolicyKL",
     "ReverseKLDivergence",
     "SequenceDistiller",
     "VariationalSampling",
@@ -41,6 +43,9 @@ __all__ = [
     "kl_divergence",
     "kld",
     "metrics",
+    "policy",
+    "policy_kl",
+    "policy_kl_from_logits",
     "reverse_kl_divergence",
     "schedules",
 ]

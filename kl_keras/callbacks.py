@@ -11,7 +11,7 @@ from kl_keras import _checks
 from kl_keras.layers import _StatefulKLLayer, sparsity_logs
 from kl_keras.regularizers import KLActivityRegularizer
 
-__all__ = ["KLMonitor"]
+__all__ = ["AdaptiveKLController", "KLMonitor"]
 
 
 def _layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
@@ -208,3 +208,122 @@ class KLMonitor(keras.callbacks.Callback):
         logs.update(self._betas())
         if self._validation_logs:
             logs.update({f"val_{key}": value for key, value in self._validation_logs.items()})
+
+
+class AdaptiveKLController(keras.callbacks.Callback):
+    """Adapts the coefficient β of a KL penalty so that the KL follows a target.
+
+    The proportional controller of Ziegler et al., "Fine-Tuning Language Models from
+    Human Preferences" (2019), used by TRL's and OpenRLHF's PPO trainers:
+
+    ```python
+    error = clip(kl / target - 1, -0.2, 0.2)
+    beta = beta * (1 + error * n / horizon)
+    ```
+
+    where `kl` is the KL observed over the last `n` training steps. As a callback it
+    updates β at the end of every epoch of `fit`, with `kl = logs[kl_key]` (the
+    epoch's mean of the model's KL metric) and `n` the epoch's number of steps; in a
+    loop of your own, call `update(kl, n)`. `horizon` counts training steps (Ziegler et
+    al. count samples: their horizon of 10000 samples is 10000 / batch size steps).
+
+    β lives in the model, not here: `coefficient` names a non-trainable scalar
+    `keras.Variable` of the model (an attribute created in the model's `__init__`
+    with `self.add_weight(shape=(), trainable=False, ...)`), or is that variable.
+    The model's `compute_loss` multiplies its KL penalty by it. Because it is one of
+    the model's variables, JAX's compiled training step receives its new value at the
+    next step, as TensorFlow and PyTorch do, and it is saved with the model. The value
+    logged under the variable's attribute name (or `kl_coefficient`) is β after the
+    update.
+
+    Args:
+        target: the KL to hold, a finite float > 0 (in the units of `logs[kl_key]`).
+        horizon: the number of steps over which an error of 20% moves β by 20%, a
+            finite float > 0.
+        initial: β at the start of the first `fit` (not of later ones, so that a loop
+            of `fit` calls carries β on); None keeps the variable's value.
+        kl_key: the key of the observed KL in `fit`'s logs.
+        coefficient: the name of the model's attribute that holds β, or the variable.
+    """
+
+    def __init__(
+        self,
+        target: float,
+        horizon: float,
+        initial: float | None = None,
+        kl_key: str = "kl",
+        coefficient: "str | keras.Variable" = "kl_coefficient",
+    ) -> None:
+        super().__init__()
+        positive = "a finite float > 0"
+        self.target = _checks.check_real("target", target, positive, lambda v: 0 < v < np.inf)
+        self.horizon = _checks.check_real("horizon", horizon, positive, lambda v: 0 < v < np.inf)
+        self.initial = None if initial is None else _checks.check_weight("initial", initial)
+        if not isinstance(kl_key, str):
+            raise TypeError(
+                "Invalid type for argument `kl_key`. Expected a str. "
+                f"Received: kl_key={kl_key!r} of type {type(kl_key).__name__}"
+            )
+        if not isinstance(coefficient, (str, keras.Variable)):
+            raise TypeError(
+                "Invalid type for argument `coefficient`. Expected the name of a model "
+                f"attribute or a keras.Variable. Received: coefficient={coefficient!r} of "
+                f"type {type(coefficient).__name__}"
+            )
+        self.kl_key = kl_key
+        self.coefficient = coefficient
+        self._started = False
+        self._steps = 0
+
+    def _variable(self) -> keras.Variable:
+        if isinstance(self.coefficient, keras.Variable):
+            variable = self.coefficient
+        else:
+            variable = getattr(self.model, self.coefficient, None)
+        owned = isinstance(variable, keras.Variable) and any(
+            v is variable for v in self.model.variables
+        )
+        if not owned or tuple(variable.shape) != () or variable.trainable:
+            raise ValueError(
+                "AdaptiveKLController needs β as a non-trainable scalar keras.Variable of the "
+                "model (JAX's compiled step sees only the model's variables): create it in "
+                "the model's __init__, `self.kl_coefficient = self.add_weight(shape=(), "
+                "initializer='zeros', trainable=False, name='kl_coefficient')`. Received: "
+                f"coefficient={self.coefficient!r}, which is {variable!r}"
+            )
+        return variable
+
+    @property
+    def _log_key(self) -> str:
+        return self.coefficient if isinstance(self.coefficient, str) else "kl_coefficient"
+
+    def update(self, kl: float, steps: int = 1) -> float:
+        """Applies the control law for a KL of `kl` observed over `steps` steps; returns β."""
+        variable = self._variable()
+        error = float(np.clip(float(kl) / self.target - 1.0, -0.2, 0.2))
+        beta = float(_numpy(variable)) * (1.0 + error * steps / self.horizon)
+        variable.assign(beta)
+        return beta
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        variable = self._variable()
+        if not self._started and self.initial is not None:
+            variable.assign(self.initial)
+        self._started = True
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._steps += 1
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = {} if logs is None else logs
+        if self.kl_key not in logs:
+            raise ValueError(
+                f"AdaptiveKLController: no `{self.kl_key}` in the logs of fit, whose keys are "
+                f"{sorted(logs)}. Give the model a metric of its KL (for example a "
+                f"keras.metrics.Mean(name={self.kl_key!r}) updated in compute_loss), or "
+                "pass its key as kl_key=..."
+            )
+        logs[self._log_key] = self.update(logs[self.kl_key], self._steps)

@@ -181,3 +181,99 @@ def test_a_regularizer_on_a_plain_dense_is_read_over_the_data_it_is_given():
         assert logged["code_beta"] == 0.7
     assert len(set(history.history["code_rho_hat"])) == 3  # it follows training
     assert len(model.get_layer("code").weights) == 2  # kernel and bias: nothing added
+
+
+# ---------------------------------------------------------------- AdaptiveKLController
+
+
+class PenalizedScalar(keras.Model):
+    """One weight w; its "KL" is w², its loss β·w²: SGD multiplies w by 1 - 2·lr·β a step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.w = self.add_weight(shape=(), initializer=keras.initializers.Constant(1.0))
+        self.kl_coefficient = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="kl_coefficient"
+        )
+        self.kl_tracker = keras.metrics.Mean(name="kl")
+
+    def call(self, x):
+        return keras.ops.multiply(x, self.w)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        kl = self.w * self.w
+        self.kl_tracker.update_state(kl)
+        return self.kl_coefficient * kl
+
+
+def controlled_trajectory(epochs, steps, lr, target, horizon, initial, w=1.0):
+    """Ziegler's controller and SGD on PenalizedScalar, in float64."""
+    beta, betas, weights = initial, [], []
+    for _ in range(epochs):
+        kls = []
+        for _ in range(steps):
+            kls.append(w * w)
+            w -= lr * 2 * beta * w
+        beta *= 1 + np.clip(np.mean(kls) / target - 1, -0.2, 0.2) * steps / horizon
+        betas.append(beta)
+        weights.append(w)
+    return betas, weights
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES.get(BACKEND, [False]))
+def test_adaptive_kl_controller_reaches_the_compiled_step(jit_compile):
+    # The KL (w²) stays above target, so β grows by 20% × 4 / 10 each epoch, and w
+    # shrinks faster each epoch: only if the step sees the new β.
+    model = PenalizedScalar()
+    model.compile(keras.optimizers.SGD(0.05), jit_compile=jit_compile)
+    controller = kl_keras.callbacks.AdaptiveKLController(target=0.1, horizon=10, initial=0.5)
+    x = np.ones((16, 1), "float32")
+    history = model.fit(x, epochs=5, batch_size=4, callbacks=[controller], verbose=0)
+    betas, weights = controlled_trajectory(5, 4, 0.05, 0.1, 10, 0.5)
+    np.testing.assert_allclose(history.history["kl_coefficient"], betas, rtol=1e-5)
+    np.testing.assert_allclose(float(to_numpy(model.w)), weights[-1], rtol=1e-5)
+    np.testing.assert_allclose(float(to_numpy(model.kl_coefficient)), betas[-1], rtol=1e-5)
+    assert betas[-1] > 0.5 * 1.08**4  # β moved, and moved w
+    # A later fit carries β on (initial applies to the first fit only).
+    history = model.fit(x, epochs=1, batch_size=4, callbacks=[controller], verbose=0)
+    again, _ = controlled_trajectory(1, 4, 0.05, 0.1, 10, betas[-1], weights[-1])
+    np.testing.assert_allclose(history.history["kl_coefficient"], again, rtol=1e-5)
+
+
+def test_adaptive_kl_controller_update_by_hand():
+    model = PenalizedScalar()
+    model.build((None, 1))
+    controller = kl_keras.callbacks.AdaptiveKLController(target=2.0, horizon=100)
+    controller.set_model(model)
+    model.kl_coefficient.assign(0.3)
+    assert controller.update(kl=1.0, steps=50) == pytest.approx(0.3 * (1 - 0.2 * 0.5))
+    assert controller.update(kl=2.2, steps=10) == pytest.approx(0.27 * (1 + 0.1 * 0.1))
+
+
+def test_adaptive_kl_controller_refuses_what_the_step_would_not_see():
+    model = PenalizedScalar()
+    model.compile("sgd")
+    x = np.ones((4, 1), "float32")
+    foreign = keras.Variable(0.1, trainable=False)  # held by the callback, not the model
+    for coefficient, match in ((foreign, "non-trainable scalar"), ("beta", "non-trainable")):
+        controller = kl_keras.callbacks.AdaptiveKLController(1.0, 10, coefficient=coefficient)
+        with pytest.raises(ValueError, match=match):
+            model.fit(x, epochs=1, callbacks=[controller], verbose=0)
+    controller = kl_keras.callbacks.AdaptiveKLController(1.0, 10, kl_key="policy_kl")
+    with pytest.raises(ValueError, match="no `policy_kl` in the logs.*'kl'"):
+        model.fit(x, epochs=1, callbacks=[controller], verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"target": 0.0, "horizon": 10}, ValueError, "target"),
+        ({"target": 0.1, "horizon": float("inf")}, ValueError, "horizon"),
+        ({"target": 0.1, "horizon": 10, "initial": -1.0}, ValueError, "initial"),
+        ({"target": 0.1, "horizon": 10, "kl_key": 3}, TypeError, "kl_key"),
+        ({"target": 0.1, "horizon": 10, "coefficient": 0.2}, TypeError, "coefficient"),
+    ],
+)
+def test_adaptive_kl_controller_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kl_keras.callbacks.AdaptiveKLController(**kwargs)

@@ -99,3 +99,22 @@ def test_sequence_distillation(tmp_path):
     assert 0 < fused < dense / 3, (fused, dense)
     png = (tmp_path / "sequence_distillation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_policy_kl(tmp_path):
+    output = run_example("policy_kl.py", "--steps", "200", "--out", str(tmp_path))
+    rows = {
+        line[:28].strip(): [float(v) for v in line[28:].split()]
+        for line in output.splitlines()
+        if line.startswith("  ") and line[:28].strip()
+    }
+    reverse, forward = rows["optimum, reverse KL"], rows["optimum, forward KL"]
+
+    def nearer_to(run):  # by the reward, which settles first
+        return "reverse" if abs(run[0] - reverse[0]) < abs(run[0] - forward[0]) else "forward"
+
+    for run in ("k1 in the reward", "k2", "k3+", "exact KL"):
+        assert nearer_to(rows[run]) == "reverse", (run, rows[run])
+    assert nearer_to(rows["k3"]) == "forward", rows["k3"]  # k3 as a loss: the forward KL
+    assert rows["k1"][1] > 1.3 * reverse[1]  # k1 as a loss holds nothing
+    assert (tmp_path / "policy_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,6 +35,7 @@ def test_all_is_exactly_the_public_surface():
         "KLActivityRegularization",
         "KLActivityRegularizer",
         "LogitsDistillation",
+        "PolicyKL",
         "SequenceDistiller",
         "VariationalSampling",
         "__version__",
@@ -42,6 +43,9 @@ def test_all_is_exactly_the_public_surface():
         "gaussian_kl_divergence",
         "kld",
         "metrics",
+        "policy",
+        "policy_kl",
+        "policy_kl_from_logits",
         "schedules",
     }
     public = {name for name in vars(kl_keras) if not name.startswith("_")}
@@ -55,7 +59,7 @@ def test_all_is_exactly_the_public_surface():
     }
     assert kl_keras.metrics.__all__ == LOSSES
     assert all(hasattr(kl_keras.metrics, name) for name in LOSSES)
-    assert kl_keras.callbacks.__all__ == ["KLMonitor"]
+    assert kl_keras.callbacks.__all__ == ["AdaptiveKLController", "KLMonitor"]
     assert kl_keras.schedules.__all__ == ["CyclicalAnnealing", "LinearWarmup"]
 
 
@@ -66,6 +70,7 @@ def test_registered_names_are_a_promise():
         **{f"kl_keras.metrics>{name}": getattr(kl_keras.metrics, name) for name in LOSSES},
         "kl_keras>KLActivityRegularizer": kl_keras.KLActivityRegularizer,
         "kl_keras>LogitsDistillation": kl_keras.LogitsDistillation,
+        "kl_keras>PolicyKL": kl_keras.PolicyKL,
         "kl_keras>SequenceDistiller": kl_keras.SequenceDistiller,
         "kl_keras>VariationalSampling": kl_keras.VariationalSampling,
         "kl_keras>KLActivityRegularization": kl_keras.KLActivityRegularization,
@@ -94,6 +99,8 @@ def test_public_objects_subclass_keras_bases():
     assert issubclass(kl_keras.VariationalSampling, keras.layers.Layer)
     assert issubclass(kl_keras.KLActivityRegularization, keras.layers.Layer)
     assert issubclass(kl_keras.callbacks.KLMonitor, keras.callbacks.Callback)
+    assert issubclass(kl_keras.callbacks.AdaptiveKLController, keras.callbacks.Callback)
+    assert issubclass(kl_keras.PolicyKL, keras.losses.Loss)
     for schedule in (kl_keras.schedules.LinearWarmup, kl_keras.schedules.CyclicalAnnealing):
         assert issubclass(schedule, keras.optimizers.schedules.LearningRateSchedule)
     assert kl_keras.kld is kl_keras.kl_divergence
