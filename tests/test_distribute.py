@@ -353,3 +353,73 @@ def test_sequence_distiller_under_mirrored_strategy_matches_one_device(tmp_path)
     report = json.loads(run_in_fresh_process(code, cwd=tmp_path).strip().splitlines()[-1])
     assert report["devices"] == 2
     assert_same_sequence_runs(report, ["mirrored"])
+
+
+# PolicyKL in compile, each reduction, the padding uneven across the two halves of the batch
+# (a per-replica token count would weigh the replicas' tokens differently).
+POLICY = """
+import json
+import numpy as np
+import keras
+import kl_keras
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(32, 6, 3)).astype("float32")
+ref_log_probs = -np.abs(rng.normal(size=(32, 6))).astype("float32")
+mask = (np.arange(6) < np.where(np.arange(32)[:, None] % 16 < 8, 2, 6)).astype("float32")
+
+
+def run():
+    results = {{}}
+    for reduction in ("token_mean", "sequence_sum", "sequence_mean"):
+        keras.utils.set_random_seed(0)
+        features = keras.Input((6, 3))
+        log_probs = keras.layers.Dense(1)(keras.layers.Dense(4, activation="tanh")(features))
+        model = keras.Model(features, log_probs[..., 0])
+        model.compile(keras.optimizers.SGD(0.5), loss=kl_keras.PolicyKL(reduction=reduction))
+        model.fit(x, ref_log_probs, sample_weight=mask, batch_size=16, epochs=2, shuffle=False,
+                  verbose=0)
+        results[reduction] = [np.asarray(w).tolist() for w in model.get_weights()]
+    return results
+
+
+{setup}
+print(json.dumps(report))
+"""
+
+POLICY_SETUPS = {
+    "tensorflow": """
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+report = {"one": run()}
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    report["engine"] = run()
+""",
+    "jax": """
+import jax
+
+report = {"one": run()}
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+report["engine"] = run()
+report["devices"] = len(jax.devices())
+""",
+}
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras has no data-parallel engine for PyTorch")
+def test_policy_kl_reductions_under_data_parallel_engines_match_one_device(tmp_path):
+    code = POLICY.format(setup=POLICY_SETUPS[BACKEND])
+    if BACKEND == "jax":
+        code = (
+            'import os\nos.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"\n'
+            + code
+        )
+    report = json.loads(run_in_fresh_process(code, cwd=tmp_path).strip().splitlines()[-1])
+    assert report.get("devices", 2) == 2
+    for reduction, weights in report["one"].items():
+        for a, b in zip(report["engine"][reduction], weights, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=reduction)
