@@ -6,10 +6,13 @@ weight, so padding is neither learnt nor counted. A teacher (causal convolutions
 learns from nine tenths of the lines; each student (32 wide) sees only a small subset of them:
 alone (its own next-byte cross-entropy) and distilled with `kl_keras.SequenceDistiller` (the
 teacher's distribution at every real byte, through the fused, chunked loss), from the same
-initial weights. The script prints each model's validation bits per byte on the last tenth
-and plots them, then measures the peak memory of three training steps of the fused loss and of
-the dense one (`keras.distillation.Distiller`, both models' full logits) at a 32768-entry
-vocabulary, each in a fresh process.
+initial weights, and offline: the teacher's top-k bytes written once to files
+(`teacher_top_k`, k = 8 and 64) and a student trained from them (`TopKDataset`,
+`SequenceDistiller(None, student)`), with each tail. The script prints each model's
+validation bits per byte on the last tenth and the files' size, plots them, then measures
+the peak memory of three training steps of the fused loss and of the dense one
+(`keras.distillation.Distiller`, both models' full logits) at a 32768-entry vocabulary, each
+in a fresh process.
 
     python examples/sequence_distillation.py [--epochs 8] [--out examples/output]
 
@@ -29,6 +32,7 @@ import matplotlib
 import numpy as np
 
 import kl_keras
+from kl_keras.distillation import TopKDataset, teacher_top_k
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -121,6 +125,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=20, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--subset", type=int, default=800, help="lines the students see")
+    parser.add_argument("--top-k", type=int, nargs="*", default=[8, 64], help="offline runs")
     parser.add_argument("--vocabulary", type=int, default=32768, help="for the memory measure")
     parser.add_argument("--tokens", type=int, default=2048, help="for the memory measure")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("examples/output"))
@@ -131,6 +136,7 @@ def main():
         return
 
     keras.utils.set_random_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
     (x, y, mask), validation = data()
     labels_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     teacher = language_model(128, 3, name="teacher")
@@ -170,12 +176,38 @@ def main():
     distiller.compile(keras.optimizers.Adam(3e-3))
     distiller.fit(**same_data)
     results["student distilled"] = bits_per_byte(student, *validation)
+    np.savez(  # for benchmarks/top_k_bias.py: the teacher's and this student's logits
+        args.out / "sequence_logits.npz",
+        teacher=keras.ops.convert_to_numpy(teacher.predict(validation[0], verbose=0)),
+        student=keras.ops.convert_to_numpy(student.predict(validation[0], verbose=0)),
+        mask=validation[2],
+    )
+
+    # Offline: the teacher's top-k written once to files, a student trained from them.
+    disk = {}
+    for k in args.top_k:
+        batches = [
+            (x[subset][i : i + 32], None, mask[subset][i : i + 32])
+            for i in range(0, len(x[subset]), 32)
+        ]
+        path = teacher_top_k(teacher, batches, k=k, path=args.out / f"top_{k}")
+        disk[k] = sum(f.stat().st_size for f in path.glob("shard-*.npz")) / mask[subset].size
+        for tail in ("bucket", "renormalize"):
+            student = fresh_student()
+            offline = kl_keras.SequenceDistiller(None, student, chunk_size=512, tail=tail)
+            offline.compile(keras.optimizers.Adam(3e-3))
+            offline.fit(TopKDataset(path), epochs=args.epochs, verbose=0)
+            results[f"student distilled from top-{k} files, {tail}"] = bits_per_byte(
+                student, *validation
+            )
 
     real = int(validation[2].sum())
     print(f"backend {keras.backend.backend()}: students trained on {args.subset} lines")
     print(f"validation bits per byte ({real} bytes):")
     for name, value in results.items():
-        print(f"  {name:<44}{value:.3f}")
+        print(f"  {name:<52}{value:.3f}")
+    for k, size in disk.items():
+        print(f"top-{k} files: {size:.0f} bytes a byte of text (inputs included)")
 
     memory = {}
     for contender, label in (
@@ -196,11 +228,12 @@ def main():
         memory[label] = json.loads(result[-1][len("RESULT ") :])
     print(f"peak memory of training steps, GB ({args.tokens} tokens, V={args.vocabulary}):")
     for name, value in memory.items():
-        print(f"  {name:<44}{value:.3f}")
+        print(f"  {name:<52}{value:.3f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.barh(list(results), list(results.values()), color=["gray", "tab:red", "tab:blue"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
+    colors = ["gray", "tab:red", "tab:blue"] + ["tab:cyan"] * (len(results) - 3)
+    left.barh(list(results), list(results.values()), color=colors)
     left.invert_yaxis()
     left.set_xlabel("validation bits per byte")
     right.barh(list(memory), list(memory.values()), color=["tab:blue", "tab:red"])

@@ -1,7 +1,7 @@
 """kl_keras: Kullback-Leibler divergence and its family for Keras 3, exact and serializable."""
 
 from kl_keras import callbacks, metrics, policy, schedules
-from kl_keras.distillation import LogitsDistillation, SequenceDistiller
+from kl_keras.distillation import LogitsDistillation, SequenceDistiller, TopKDistillation
 from kl_keras.divergence import gaussian_kl_divergence
 from kl_keras.layers import KLActivityRegularization, VariationalSampling
 from kl_keras.losses import (
@@ -33,6 +33,7 @@ __all__ = [
     "PolicyKL",
     "ReverseKLDivergence",
     "SequenceDistiller",
+    "TopKDistillation",
     "VariationalSampling",
     "__version__",
     "binary_kl_divergence",

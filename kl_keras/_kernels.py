@@ -44,6 +44,15 @@ def read_value(x: Any) -> Tensor:
     return ops.convert_to_tensor(x)
 
 
+def widest_float() -> str:
+    """ "float64", or "float32" on JAX without `jax_enable_x64` (where float64 is float32)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
 def sequential_map(f: Callable[[Any], Tensor], xs: Any, dtype: str) -> Tensor:
     """`keras.ops.map(f, xs)` for an `f` that returns a scalar of `dtype`, one element after
     another on every backend.

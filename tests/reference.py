@@ -155,3 +155,22 @@ def gaussian_kl(mean, log_var, prior_mean=0.0, prior_log_var=0.0, axis=-1):
     d = log_var - prior_log_var
     terms = 0.5 * (np.expm1(d) - d + (mean - prior_mean) ** 2 * np.exp(-np.float64(prior_log_var)))
     return np.sum(terms, axis=axis)
+
+
+def top_k(name, ids, log_probs, student_logits, tail, temperature=1.0, beta=0.5):
+    """T²·D(P' ‖ Q') per token of a teacher's top-k (ids, log-probabilities at T) against
+    student logits (kl_keras.TopKDistillation), in long double: `tail="bucket"` adds the
+    (k+1)-th bucket 1 - sum to both sides (none when k = V), `"renormalize"` divides each
+    by its sum over the ids."""
+    p = np.exp(np.longdouble(log_probs))
+    q_all = softmax(np.longdouble(student_logits) / temperature)
+    q = np.take_along_axis(q_all, np.asarray(ids), axis=-1)
+    if tail == "bucket" and np.shape(ids)[-1] < np.shape(student_logits)[-1]:
+        rest = np.ones(q_all.shape, bool)
+        np.put_along_axis(rest, np.asarray(ids), False, axis=-1)
+        p = np.concatenate([p, np.maximum(1 - p.sum(-1, keepdims=True), 0)], -1)
+        q = np.concatenate([q, np.sum(q_all * rest, -1, keepdims=True)], -1)
+    else:
+        p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+    values = np.sum(probability_terms(name, p, q, beta), axis=-1)
+    return temperature**2 * values.astype(np.float64)

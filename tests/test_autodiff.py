@@ -142,6 +142,35 @@ def sequence_loss(hidden):
     )
 
 
+SEQUENCE_TOP_K = kl_keras.distillation.pack_top_k(
+    np.argsort(-SEQUENCE_TEACHER, axis=-1)[:, :3].astype("int32"),
+    np.sort(ref.log_softmax(np.float64(SEQUENCE_TEACHER)), axis=-1)[:, ::-1][:, :3],
+)
+
+
+def sequence_top_k_loss(hidden):
+    """The chunked top-k loss (bucket) of hidden states (..., 5, 4), chunks of 2 tokens."""
+    leading = tuple(hidden.shape[:-1])
+    return kl_keras.distillation.sequence_top_k_distillation_loss(
+        hidden,
+        SEQUENCE_KERNEL,
+        keras.ops.broadcast_to(SEQUENCE_TOP_K, (*leading, 6)),
+        mask=keras.ops.broadcast_to(SEQUENCE_WEIGHTS, leading),
+        divergence="reverse_kl",
+        chunk_size=2,
+    )
+
+
+def sequence_top_k_reference(hidden):
+    ids, log_probs = (
+        np.broadcast_to(part, (*hidden.shape[:-1], 3))
+        for part in (SEQUENCE_TOP_K[:, :3].astype("int64"), SEQUENCE_TOP_K[:, 3:])
+    )
+    values = ref.top_k("reverse_kl", ids, log_probs, hidden @ np.float64(SEQUENCE_KERNEL), "bucket")
+    weights = np.broadcast_to(SEQUENCE_WEIGHTS, values.shape)
+    return np.sum(weights * values) / np.sum(weights)
+
+
 def sequence_reference(hidden):
     values = ref.on_logits(
         "jensen_shannon",
@@ -195,6 +224,30 @@ def policy_case(estimator, clip=None, curved=True):
     )
 
 
+TOP_K_IDS = np.array([[0, 3, 5], [2, 1, 4], [5, 4, 3]], "int32")  # (3 tokens, k = 3) of V = 6
+TOP_K_LOG_PROBS = np.log(np.array([[0.5, 0.2, 0.1], [0.6, 0.3, 0.05], [0.3, 0.3, 0.2]]))
+TOP_K = kl_keras.distillation.pack_top_k(TOP_K_IDS, TOP_K_LOG_PROBS.astype("float32"))
+
+
+def top_k_case(tail):
+    """TopKDistillation of student logits (..., 3, 6) against a fixed packed top-3."""
+    return Case(
+        lambda z: kl_keras.TopKDistillation(tail, 2.0, "jensen_shannon", 0.3, reduction="none")(
+            keras.ops.broadcast_to(TOP_K, (*z.shape[:-1], 6)), z
+        ),
+        lambda z: ref.top_k(
+            "jensen_shannon",
+            np.broadcast_to(TOP_K_IDS, (*z.shape[:-1], 3)),
+            np.broadcast_to(np.float32(TOP_K_LOG_PROBS), (*z.shape[:-1], 3)),
+            z,
+            tail,
+            2.0,
+            0.3,
+        ),
+        lambda rng: [rng.normal(size=(2, 3, 6)).astype("float32")],
+    )
+
+
 CASES = {
     **family("kl", kl_keras.kl_divergence),
     **family("reverse_kl", kl_keras.reverse_kl_divergence),
@@ -242,6 +295,17 @@ CASES = {
         lambda z: kl_keras.policy_kl_from_logits(z, keras.ops.broadcast_to(REF_LOGITS, z.shape)),
         lambda z: ref.on_logits("kl", z, np.broadcast_to(REF_LOGITS, z.shape)),
         lambda rng: [(REF_LOGITS + 0.02 * rng.normal(size=(2, 3, 4))).astype("float32")],
+    ),
+    "TopKDistillation bucket": top_k_case("bucket"),
+    "TopKDistillation renormalize": top_k_case("renormalize"),
+    "sequence_top_k_distillation_loss": Case(
+        sequence_top_k_loss,
+        sequence_top_k_reference,
+        lambda rng: [rng.normal(size=(2, 5, 4)).astype("float32")],
+        unsupported={  # keras.remat, as sequence_distillation_loss
+            "tensorflow": {"forward", "forward-over-reverse", "vmap-gradients"},
+            "torch": {"forward-over-reverse", "vmap-gradients"},
+        },
     ),
     "gaussian_kl_divergence": Case(
         kl_keras.gaussian_kl_divergence,

@@ -10,6 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # end to end; the minimum-Keras CI run skips it
 
+TAILS = ("bucket", "renormalize")
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -91,8 +92,10 @@ def test_sequence_distillation(tmp_path):
     rows = dict(
         line.strip().rsplit(maxsplit=1) for line in output.splitlines() if line.startswith("  ")
     )
-    bits = [rows[name] for name in ("teacher", "student alone", "student distilled")]
-    assert all(0 < float(value) < 8 for value in bits)  # 8 bits: a uniform guess over bytes
+    names = ["teacher", "student alone", "student distilled"]
+    names += [f"student distilled from top-{k} files, {tail}" for k in (8, 64) for tail in TAILS]
+    assert all(0 < float(rows[name]) < 8 for name in names)  # 8 bits: a uniform guess
+    assert "top-64 files: " in output
     fused = float(rows["fused (kl_keras.SequenceDistiller)"])
     dense = float(rows["dense (keras.distillation.Distiller)"])
     # Dense holds several (2048, 16384) float32 tensors (134 MB each); fused never one.

@@ -37,6 +37,7 @@ def test_all_is_exactly_the_public_surface():
         "LogitsDistillation",
         "PolicyKL",
         "SequenceDistiller",
+        "TopKDistillation",
         "VariationalSampling",
         "__version__",
         "callbacks",
@@ -72,6 +73,7 @@ def test_registered_names_are_a_promise():
         "kl_keras>LogitsDistillation": kl_keras.LogitsDistillation,
         "kl_keras>PolicyKL": kl_keras.PolicyKL,
         "kl_keras>SequenceDistiller": kl_keras.SequenceDistiller,
+        "kl_keras>TopKDistillation": kl_keras.TopKDistillation,
         "kl_keras>VariationalSampling": kl_keras.VariationalSampling,
         "kl_keras>KLActivityRegularization": kl_keras.KLActivityRegularization,
         "kl_keras>LinearWarmup": kl_keras.schedules.LinearWarmup,
@@ -101,6 +103,8 @@ def test_public_objects_subclass_keras_bases():
     assert issubclass(kl_keras.callbacks.KLMonitor, keras.callbacks.Callback)
     assert issubclass(kl_keras.callbacks.AdaptiveKLController, keras.callbacks.Callback)
     assert issubclass(kl_keras.PolicyKL, keras.losses.Loss)
+    assert issubclass(kl_keras.TopKDistillation, keras.losses.Loss)
+    assert issubclass(kl_keras.distillation.TopKDataset, keras.utils.PyDataset)
     for schedule in (kl_keras.schedules.LinearWarmup, kl_keras.schedules.CyclicalAnnealing):
         assert issubclass(schedule, keras.optimizers.schedules.LearningRateSchedule)
     assert kl_keras.kld is kl_keras.kl_divergence

@@ -10,6 +10,7 @@ from keras import ops
 from kl_keras import _checks, _chunked, _distribute, _kernels
 from kl_keras import divergence as core
 from kl_keras._types import Config, Tensor
+from kl_keras.distillation import top_k as top_k_module
 
 
 class _VariableReads(keras.StatelessScope):
@@ -165,15 +166,8 @@ def sequence_distillation_loss(
     beta = _checks.check_beta(beta)
     temperature = _checks.check_temperature(temperature)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
-    hidden = ops.convert_to_tensor(student_hidden)
-    if len(hidden.shape) not in (2, 3) or hidden.shape[-1] is None:
-        raise ValueError(
-            "Invalid `student_hidden`: expected hidden states of shape (batch, sequence, "
-            f"hidden) or (tokens, hidden). Received shape {tuple(hidden.shape)}."
-        )
-    leading = tuple(hidden.shape[:-1])
-    dtype = core.computation_dtype(keras.backend.standardize_dtype(hidden.dtype))
-    student = _projection_head("student_head", student_head, hidden.shape[-1], dtype)
+    rows, leading, dtype = _hidden_rows(student_hidden)
+    student = _projection_head("student_head", student_head, rows.shape[-1], dtype)
     if isinstance(teacher, (tuple, list)):
         if len(teacher) != 2:
             raise ValueError(
@@ -193,7 +187,6 @@ def sequence_distillation_loss(
             "The teacher and the student have different vocabulary sizes: teacher "
             f"{vocabulary_size}, student {student.vocabulary_size}."
         )
-    rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
     weights = _chunked.token_weights(mask, leading, ops.shape(rows)[:1], dtype)
     teacher_params = () if teacher_head is None else teacher_head.params
     n_student = len(student.params)
@@ -208,6 +201,78 @@ def sequence_distillation_loss(
 
     params = (*student.params, *teacher_params)
     return _chunked.token_mean(per_token, (rows, teacher_rows), weights, params, chunk_size)
+
+
+def sequence_top_k_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Any,
+    top_k: Tensor,
+    mask: Tensor | None = None,
+    tail: str = "bucket",
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """`sequence_distillation_loss` from a teacher's stored top-k instead of its logits.
+
+    The loss of `TopKDistillation` (the teacher's top-k, packed by `pack_top_k`, against
+    the student's logits, with a tail bucket or renormalised) at language-model scale: the
+    student's logits are formed `chunk_size` tokens at a time from its hidden states and
+    head, never whole, and the result is the mean over real tokens, as in
+    `sequence_distillation_loss`. Neither model's full logits ever exist.
+
+    ```python
+    loss = sum(w * T**2 * D(P' ‖ Q')) / sum(w)   # P', Q' as in TopKDistillation
+    ```
+
+    Args:
+        student_hidden: the student's last hidden states, (B, T, H) or (N, H).
+        student_head: its output projection, in the forms of `sequence_distillation_loss`.
+        top_k: the teacher's packed top-k, (B, T, 2k) or (N, 2k).
+        mask: padding mask or token weights, (B, T) or (N,).
+        tail: `"bucket"` or `"renormalize"` (see `TopKDistillation`).
+        divergence: one of `"kl"`, `"reverse_kl"`, `"jeffreys"`, `"jensen_shannon"`.
+        beta: the teacher's weight in the Jensen-Shannon mixture, in [0, 1].
+        temperature: T, the one the top-k were taken at.
+        chunk_size: the number of tokens per chunk, an int >= 1.
+
+    Returns:
+        A scalar.
+    """
+    tail = _checks.check_choice("tail", tail, top_k_module.TAILS)
+    divergence = _checks.check_choice("divergence", divergence, core.DISTILLATION_DIVERGENCES)
+    beta = _checks.check_beta(beta)
+    temperature = _checks.check_temperature(temperature)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    rows, leading, dtype = _hidden_rows(student_hidden)
+    student = _projection_head("student_head", student_head, rows.shape[-1], dtype)
+    top_k = ops.convert_to_tensor(top_k)
+    targets = _chunked.rows(top_k, leading, "top_k", top_k.shape[-1])
+    ids, _ = top_k_module.unpack_top_k(targets)  # checks the packing
+    weights = _chunked.token_weights(mask, leading, ops.shape(rows)[:1], dtype)
+    top_k_module._check_ids_now(ids, student.vocabulary_size, weights)
+
+    def per_token(student_rows: Tensor, chunk_targets: Tensor, *params: Tensor) -> Tensor:
+        logits = student.logits(student_rows, *params)
+        chunk_ids, log_probs = top_k_module.unpack_top_k(chunk_targets)
+        return top_k_module.top_k_divergence_values(
+            divergence, chunk_ids, ops.cast(log_probs, dtype), logits, tail, beta, temperature
+        )
+
+    return _chunked.token_mean(per_token, (rows, targets), weights, student.params, chunk_size)
+
+
+def _hidden_rows(student_hidden: Tensor) -> tuple[Tensor, tuple[Any, ...], str]:
+    """(the hidden states as rows, their leading shape, the computation dtype)."""
+    hidden = ops.convert_to_tensor(student_hidden)
+    if len(hidden.shape) not in (2, 3) or hidden.shape[-1] is None:
+        raise ValueError(
+            "Invalid `student_hidden`: expected hidden states of shape (batch, sequence, "
+            f"hidden) or (tokens, hidden). Received shape {tuple(hidden.shape)}."
+        )
+    dtype = core.computation_dtype(keras.backend.standardize_dtype(hidden.dtype))
+    return ops.reshape(hidden, (-1, hidden.shape[-1])), tuple(hidden.shape[:-1]), dtype
 
 
 def _sequence_cross_entropy(
@@ -278,13 +343,20 @@ class SequenceDistiller(keras.Model):
     and `sample_weight`. The token weights are `sample_weight` when given, else
     `x["padding_mask"]`, else 1 for every token.
 
+    Offline, from a teacher's stored top-k: `teacher=None`, and `y` holds the
+    teacher's packed top-k (`kl_keras.distillation.TopKDataset` yields them with
+    the inputs and the padding mask); the loss is then
+    `sequence_top_k_distillation_loss` with `tail`, and neither model's full logits
+    exist.
+
     `call` returns the student's last hidden states (what the loss takes); the
     student's logits are `distiller.student(x)`. Logged: `loss`,
     `distillation_loss` (the mean over the epoch's real tokens) and `tokens` (the
     number of real tokens seen in the epoch).
 
     Args:
-        teacher: the teacher model (frozen here).
+        teacher: the teacher model (frozen here), or None to train on its stored
+            top-k.
         student: the student model.
         divergence: as in `sequence_distillation_loss`.
         beta: as in `sequence_distillation_loss`.
@@ -294,12 +366,14 @@ class SequenceDistiller(keras.Model):
         vocabulary_size: the number of leading vocabulary entries compared when the
             two models' vocabularies differ in size (padded vocabularies); None
             requires equal sizes.
+        tail: without a teacher, how the mass outside the top-k is handled:
+            `"bucket"` or `"renormalize"` (see `TopKDistillation`).
         **kwargs: passed to `keras.Model` (`name`, ...).
     """
 
     def __init__(
         self,
-        teacher: keras.Model,
+        teacher: keras.Model | None,
         student: keras.Model,
         divergence: str = "kl",
         beta: float = 0.5,
@@ -307,6 +381,7 @@ class SequenceDistiller(keras.Model):
         chunk_size: int = 1024,
         student_loss_weight: float = 0.0,
         vocabulary_size: int | None = None,
+        tail: str = "bucket",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -317,10 +392,21 @@ class SequenceDistiller(keras.Model):
         self.temperature = _checks.check_temperature(temperature)
         self.chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         self.student_loss_weight = _checks.check_weight("student_loss_weight", student_loss_weight)
+        self.tail = _checks.check_choice("tail", tail, top_k_module.TAILS)
         self.teacher, self.student = teacher, student
-        teacher.trainable = False
-        self._teacher_hidden, teacher_head, teacher_size = _split("teacher", teacher)
         self._student_hidden, student_head, student_size = _split("student", student)
+        if teacher is None:  # the teacher's top-k come as `y`
+            if student_loss_weight > 0:
+                raise ValueError(
+                    "Invalid value for argument `student_loss_weight`. Without a teacher, `y` "
+                    "holds the teacher's top-k, not next-token labels: expected 0. Received: "
+                    f"student_loss_weight={student_loss_weight}"
+                )
+            teacher_size = student_size if vocabulary_size is None else vocabulary_size
+            self._teacher_hidden, teacher_head = None, None
+        else:
+            teacher.trainable = False
+            self._teacher_hidden, teacher_head, teacher_size = _split("teacher", teacher)
         if vocabulary_size is None:
             if teacher_size != student_size:
                 raise ValueError(
@@ -336,7 +422,8 @@ class SequenceDistiller(keras.Model):
                     f"smaller vocabulary (teacher {teacher_size}, student {student_size}). "
                     f"Received: vocabulary_size={vocabulary_size}"
                 )
-            teacher_head = _leading_entries(teacher_head, vocabulary_size)
+            if teacher_head is not None:
+                teacher_head = _leading_entries(teacher_head, vocabulary_size)
             student_head = _leading_entries(student_head, vocabulary_size)
         self.vocabulary_size = vocabulary_size
         self._teacher_head, self._student_head = teacher_head, student_head
@@ -355,19 +442,37 @@ class SequenceDistiller(keras.Model):
         training: bool | None = True,
     ) -> Tensor:
         hidden = self(x, training=training) if y_pred is None else y_pred
-        teacher_hidden = ops.stop_gradient(self._teacher_hidden(x, training=False))
         if sample_weight is None and isinstance(x, dict) and "padding_mask" in x:
             sample_weight = x["padding_mask"]
-        loss = sequence_distillation_loss(
-            hidden,
-            self._student_head,
-            (teacher_hidden, self._teacher_head),
-            sample_weight,
-            self.divergence,
-            self.beta,
-            self.temperature,
-            self.chunk_size,
-        )
+        if self._teacher_hidden is None:
+            if y is None:
+                raise ValueError(
+                    "A SequenceDistiller without a teacher trains on the teacher's top-k: "
+                    "pass them as `y` (kl_keras.distillation.pack_top_k, or a TopKDataset)."
+                )
+            loss = sequence_top_k_distillation_loss(
+                hidden,
+                self._student_head,
+                y,
+                sample_weight,
+                self.tail,
+                self.divergence,
+                self.beta,
+                self.temperature,
+                self.chunk_size,
+            )
+        else:
+            teacher_hidden = ops.stop_gradient(self._teacher_hidden(x, training=False))
+            loss = sequence_distillation_loss(
+                hidden,
+                self._student_head,
+                (teacher_hidden, self._teacher_head),
+                sample_weight,
+                self.divergence,
+                self.beta,
+                self.temperature,
+                self.chunk_size,
+            )
         weights = _chunked.token_weights(
             sample_weight, tuple(hidden.shape[:-1]), ops.shape(hidden)[:-1], "float32"
         )
@@ -393,7 +498,9 @@ class SequenceDistiller(keras.Model):
         config = super().get_config()
         config.update(
             {
-                "teacher": keras.saving.serialize_keras_object(self.teacher),
+                "teacher": None
+                if self.teacher is None
+                else keras.saving.serialize_keras_object(self.teacher),
                 "student": keras.saving.serialize_keras_object(self.student),
                 "divergence": self.divergence,
                 "beta": self.beta,
@@ -401,6 +508,7 @@ class SequenceDistiller(keras.Model):
                 "chunk_size": self.chunk_size,
                 "student_loss_weight": self.student_loss_weight,
                 "vocabulary_size": self.vocabulary_size,
+                "tail": self.tail,
             }
         )
         return config
@@ -409,7 +517,8 @@ class SequenceDistiller(keras.Model):
     def from_config(cls, config: Config) -> "SequenceDistiller":
         config = dict(config)
         for key in ("teacher", "student"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
 
 
