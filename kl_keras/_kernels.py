@@ -9,6 +9,10 @@ kernel (one pass forward, one backward, with forward-mode, second-order and `tor
 rules) wins. KL from logits is one form on every backend (the core,
 `kl_keras.divergence.log_ratio`), differentiated by its closed form rather than traced
 back through the core. Measured in BENCHMARKS.md.
+
+Besides: what an engine does differently with the same `keras.ops` (`read_value` and
+`sequential_map`, for TensorFlow's graphs) and what a backend can compute in
+(`widest_float`, for JAX without x64).
 """
 
 from collections.abc import Callable
@@ -45,7 +49,8 @@ def read_value(x: Any) -> Tensor:
 
 
 def widest_float() -> str:
-    """ "float64", or "float32" on JAX without `jax_enable_x64` (where float64 is float32)."""
+    """The widest float dtype: float64, or float32 on JAX without `jax_enable_x64` (where a
+    cast to float64 gives float32, with a warning)."""
     if keras.backend.backend() == "jax":
         import jax
 
