@@ -5,11 +5,11 @@
 
 One step is the loss and its gradient with respect to the student's hidden states and head
 kernel (what training needs), the teacher given as hidden states and a head of its own:
-- `fused`: `sequence_distillation_loss(h, kernel, (teacher_h, teacher_kernel), mask)`;
+- `stored` and `recompute`: `sequence_distillation_loss(h, kernel, (teacher_h,
+  teacher_kernel), mask, backward=...)`, the fused loss with each chunk's gradient kept from
+  the forward pass, or each chunk computed again in the backward pass;
 - `dense`: both models' full logits (`h @ kernel`), then `LogitsDistillation` with the mask
-  as sample weights (the same KL, divided by the real tokens);
-- `forward-gradient` (`--contenders`; JAX and PyTorch): a prototype of the other way to
-  chunk, each chunk's gradient formed in the forward pass (see `forward_gradient_step`).
+  as sample weights (the same KL, divided by the real tokens).
 Compiled as training compiles it: `tf.function` (TensorFlow's default for `fit`; XLA cannot
 compile a `tf.recompute_grad` loop), `jax.jit`, PyTorch eager. Each (size, contender) runs
 in a fresh process: its peak is the growth of the process's peak resident memory over what
@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 DENSE_COPIES = 7  # (N, V) float32 tensors a dense step holds at once (0.2's measures: 4.5-8.8)
@@ -58,9 +59,9 @@ def measure(contender, tokens, hidden_size, vocabulary, chunk_size, repeats):
     teacher_kernel = (rng.normal(size=(hidden_size, vocabulary)) * scale).astype("float32")
     mask = (rng.uniform(size=(tokens,)) > 0.1).astype("float32")
 
-    def fused(h, kernel, teacher_h, teacher_kernel, mask):
+    def fused(h, kernel, teacher_h, teacher_kernel, mask, backward):
         return sequence_distillation_loss(
-            h, kernel, (teacher_h, teacher_kernel), mask, chunk_size=chunk_size
+            h, kernel, (teacher_h, teacher_kernel), mask, chunk_size=chunk_size, backward=backward
         )
 
     dense_loss = LogitsDistillation()
@@ -70,10 +71,7 @@ def measure(contender, tokens, hidden_size, vocabulary, chunk_size, repeats):
         loss = dense_loss(teacher, keras.ops.matmul(h, kernel), sample_weight=mask)
         return loss * keras.ops.cast(tokens, "float32") / keras.ops.sum(mask)
 
-    if contender == "forward-gradient":
-        step = forward_gradient_step(tokens, chunk_size)
-    else:
-        step = compile_step(fused if contender == "fused" else dense)
+    step = compile_step(dense if contender == "dense" else partial(fused, backward=contender))
     args = [to_backend(a) for a in (h, kernel, teacher_h, teacher_kernel, mask)]
     baseline = rss_bytes()
     times = []
@@ -117,88 +115,6 @@ def compile_step(fn):
     return step
 
 
-def forward_gradient_step(tokens, chunk_size):
-    """A prototype of the other way to chunk (Liger-Kernel's): each chunk's gradient formed in
-    the forward pass and kept, nothing recomputed in the backward pass. JAX (`custom_vjp`
-    over a scan) and PyTorch (`autograd.Function`) only; KL, a bias-free kernel head. Not in
-    the library: it gives up forward mode and second order, which the rematerialised form
-    keeps (on JAX), so it is measured here to decide."""
-    import keras
-
-    from kl_keras import divergence as core
-
-    def chunk_loss(rows, kernel, teacher_rows, teacher_kernel, weights):
-        teacher = keras.ops.matmul(teacher_rows, teacher_kernel)
-        values = core.divergence_values("kl", "logits", teacher, keras.ops.matmul(rows, kernel), -1)
-        return keras.ops.sum(values * weights)
-
-    if BACKEND == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        @jax.custom_vjp
-        def loss(h, kernel, teacher_h, teacher_kernel, mask):
-            return forward(h, kernel, teacher_h, teacher_kernel, mask)[0]
-
-        def forward(h, kernel, teacher_h, teacher_kernel, mask):
-            chunks = [x.reshape(-1, chunk_size, *x.shape[1:]) for x in (h, teacher_h, mask)]
-
-            def body(grad_kernel, chunk):
-                rows, teacher_rows, weights = chunk
-                value, (grad_rows, grad_k) = jax.value_and_grad(chunk_loss, argnums=(0, 1))(
-                    rows, kernel, teacher_rows, teacher_kernel, weights
-                )
-                return grad_kernel + grad_k, (value, grad_rows)
-
-            grad_kernel, (values, grad_rows) = jax.lax.scan(body, jnp.zeros_like(kernel), chunks)
-            count = jnp.sum(mask)
-            return jnp.sum(values) / count, (
-                grad_rows.reshape(h.shape) / count,
-                grad_kernel / count,
-            )
-
-        def backward(saved, upstream):
-            grad_h, grad_kernel = saved
-            return upstream * grad_h, upstream * grad_kernel, None, None, None
-
-        loss.defvjp(lambda *args: forward(*args), backward)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    if BACKEND != "torch":
-        raise SystemExit("the forward-gradient prototype is for JAX and PyTorch")
-    import torch
-
-    class ForwardGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h, kernel, teacher_h, teacher_kernel, mask):
-            total = h.new_zeros(())
-            grad_h, grad_kernel = torch.zeros_like(h), torch.zeros_like(kernel)
-            kernel = kernel.detach().requires_grad_(True)
-            for start in range(0, h.shape[0], chunk_size):
-                part = slice(start, start + chunk_size)
-                rows = h[part].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    value = chunk_loss(rows, kernel, teacher_h[part], teacher_kernel, mask[part])
-                    grad_rows, grad_k = torch.autograd.grad(value, (rows, kernel))
-                total += value.detach()
-                grad_h[part] = grad_rows
-                grad_kernel += grad_k
-            count = mask.sum()
-            ctx.save_for_backward(grad_h / count, grad_kernel / count)
-            return total / count
-
-        @staticmethod
-        def backward(ctx, upstream):
-            grad_h, grad_kernel = ctx.saved_tensors
-            return upstream * grad_h, upstream * grad_kernel, None, None, None
-
-    def step(h, kernel, *rest):
-        h, kernel = h.requires_grad_(True), kernel.requires_grad_(True)
-        loss = ForwardGradient.apply(h, kernel, *rest)
-        return loss, *torch.autograd.grad(loss, [h, kernel])
-
-    return step
-
-
 def finish(out):
     import keras
 
@@ -220,9 +136,7 @@ def main():
         ],
     )
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument(
-        "--contenders", nargs="+", default=["fused", "dense"], help="also: forward-gradient"
-    )
+    parser.add_argument("--contenders", nargs="+", default=["stored", "recompute", "dense"])
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-limit", type=float, default=20.0)
@@ -271,7 +185,7 @@ def main():
             )
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
             row[contender] = json.loads(lines[-1][7:]) if lines else f"failed: {done.stderr[-300:]}"
-        for contender in ("fused", "forward-gradient"):
+        for contender in ("stored", "recompute"):
             if isinstance(row.get("dense"), dict) and isinstance(row.get(contender), dict):
                 row[f"{contender} memory_ratio"] = (
                     row[contender]["peak_gb"] / row["dense"]["peak_gb"]

@@ -3,12 +3,13 @@ more than one chunk's temporaries.
 
 Infrastructure, not math: `token_mean` takes a per-row function (a divergence from logits
 that a head computes inside the chunk, a cross-entropy) and returns the weighted mean of
-its values over the global batch. Each chunk is rematerialised in the backward pass
-(`keras.remat`), and every tensor a chunk needs is an explicit argument of the
-rematerialised function (TensorFlow's `tf.recompute_grad` cannot differentiate a tensor
-the function captures). The chunks run one after another on every backend
-(`_kernels.sequential_map`): at most one chunk's temporaries are alive, whatever the
-number of rows.
+its values over the global batch. Every tensor a chunk needs is an explicit argument of the
+function that computes the chunk (TensorFlow's `tf.recompute_grad` cannot differentiate a
+tensor the function captures). Its gradient is formed one of two ways: each chunk
+rematerialised in the backward pass (`keras.remat`), or each chunk's gradient formed in the
+forward pass and kept (`_kernels.stored_gradient_sum`). Either way the chunks run one after
+another on every backend: at most one chunk's temporaries are alive, whatever the number of
+rows.
 """
 
 from collections.abc import Callable, Sequence
@@ -30,20 +31,29 @@ def in_chunks(x: Tensor, chunk_size: int) -> Tensor:
     return ops.reshape(x, (-1, chunk_size, *x.shape[1:]))
 
 
+BACKWARDS = ("recompute", "stored")
+
+
 def token_mean(
     per_row: Callable[..., Tensor],
     arrays: Sequence[Tensor],
     weights: Tensor,
     params: Sequence[Tensor],
     chunk_size: int,
+    backward: str = "stored",
 ) -> Tensor:
     """sum(weights * per_row(*arrays, *params)) / sum(weights), over rows, in chunks.
 
     `per_row` maps a chunk of each of `arrays` (rows first) and the `params` to one value
-    per row. It sees the chunks `chunk_size` rows at a time, one chunk after another,
-    rematerialised in the backward pass; rows of weight 0 are replaced by zeros before it
-    sees them, and left out. Both sums are over the global batch (all-reduced inside a
-    `tf.distribute` replica); with no weight above 0 the mean is 0 with zero gradients.
+    per row. It sees the chunks `chunk_size` rows at a time, one chunk after another; rows
+    of weight 0 are replaced by zeros before it sees them, and left out. Both sums are over
+    the global batch (all-reduced inside a `tf.distribute` replica); with no weight above
+    0 the mean is 0 with zero gradients.
+
+    `backward` is how the gradient is formed: `"recompute"`, each chunk rematerialised in
+    the backward pass (`keras.remat`: the autodiff modes of each backend's
+    rematerialisation); `"stored"`, each chunk's gradient formed in the forward pass and
+    kept (`_kernels.stored_gradient_sum`: reverse mode only, and no chunk computed twice).
     """
     if isinstance(weights.shape[0], int):
         chunk_size = max(1, min(chunk_size, weights.shape[0]))
@@ -57,13 +67,17 @@ def token_mean(
         values = per_row(*chunk, *chunk_and_params[len(arrays) :])
         return ops.sum(ops.where(real, values, 0.0) * chunk_weights)
 
-    rematerialised = keras.remat(chunk_total)
-    totals = _kernels.sequential_map(
-        lambda chunk: rematerialised(*chunk, *params),
-        tuple(in_chunks(x, chunk_size) for x in (weights, *arrays)),
-        weights.dtype,
-    )
-    total, count = _distribute.global_sums(ops.sum(totals), ops.sum(weights))
+    chunks = tuple(in_chunks(x, chunk_size) for x in (weights, *arrays))
+    if backward == "stored":
+        total = _kernels.stored_gradient_sum(chunk_total, chunks, params, weights.dtype)
+    else:
+        rematerialised = keras.remat(chunk_total)
+        total = ops.sum(
+            _kernels.sequential_map(
+                lambda chunk: rematerialised(*chunk, *params), chunks, weights.dtype
+            )
+        )
+    total, count = _distribute.global_sums(total, ops.sum(weights))
     has_tokens = count > 0
     return ops.where(has_tokens, total / ops.where(has_tokens, count, 1.0), 0.0)
 

@@ -15,7 +15,7 @@ Besides: what an engine does differently with the same `keras.ops` (`read_value`
 (`widest_float`, for JAX without x64).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -72,6 +72,183 @@ def sequential_map(f: Callable[[Any], Tensor], xs: Any, dtype: str) -> Tensor:
 
         return tf.map_fn(f, xs, fn_output_signature=tf.TensorSpec((), dtype), parallel_iterations=1)
     return ops.map(f, xs)
+
+
+def stored_gradient_sum(
+    f: Callable[..., Tensor], chunks: Sequence[Tensor], params: Sequence[Tensor], dtype: str
+) -> Tensor:
+    """`sum over i of f(*chunks[:, i], *params)`, each chunk's gradient formed in the
+    forward pass and kept: the backward pass scales what was kept, recomputing nothing.
+
+    `chunks` are stacked along their first axis (one entry per chunk); `f` returns a
+    scalar of `dtype`. Only its float inputs are differentiated. What is kept is the size of the
+    inputs: each chunk's gradient (one chunk at a time is computed) and the sum of the
+    parameters' gradients. Reverse mode only, first order: forward mode, second order
+    and vectorising maps raise (a JAX `custom_vjp`, a PyTorch `autograd.Function` without
+    `jvp`, a TensorFlow `custom_gradient` under a tape that is not persistent).
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_stored(f, tuple(chunks), tuple(params), dtype)
+    if backend == "torch":
+        return _torch_stored().apply(f, len(chunks), *chunks, *params)
+    return _tensorflow_stored(f, list(chunks), list(params), dtype)
+
+
+def _is_float(x: Any) -> bool:
+    return bool(keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype)))
+
+
+def _jax_stored(
+    f: Callable[..., Tensor], chunks: tuple[Any, ...], params: tuple[Any, ...], dtype: str
+) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    floats = [i for i, x in enumerate(chunks) if _is_float(x)]
+
+    def split(chunk: tuple[Any, ...]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        def g(differentiable: tuple[Any, ...], params: tuple[Any, ...]) -> Any:
+            full = list(chunk)
+            for i, x in zip(floats, differentiable, strict=True):
+                full[i] = x
+            return f(*full, *params)
+
+        return g, tuple(chunk[i] for i in floats)
+
+    def forward(chunks: tuple[Any, ...], params: tuple[Any, ...]) -> Any:
+        def body(carry: Any, chunk: tuple[Any, ...]) -> Any:
+            total, param_grads = carry
+            g, differentiable = split(chunk)
+            value, vjp = jax.vjp(g, differentiable, params)
+            chunk_grads, new_param_grads = vjp(jnp.ones_like(value))
+            param_grads = tuple(a + b for a, b in zip(param_grads, new_param_grads, strict=True))
+            return (total + value, param_grads), chunk_grads
+
+        init = (jnp.zeros((), dtype), tuple(jnp.zeros_like(p) for p in params))
+        (total, param_grads), chunk_grads = jax.lax.scan(body, init, chunks)
+        return total, (chunk_grads, param_grads)
+
+    @jax.custom_vjp
+    def stored(chunks: tuple[Any, ...], params: tuple[Any, ...]) -> Any:
+        return forward(chunks, params)[0]
+
+    def backward(saved: Any, upstream: Any) -> Any:
+        chunk_grads, param_grads = saved
+        grads: list[Any] = [None] * len(chunks)
+        for i, g in zip(floats, chunk_grads, strict=True):
+            grads[i] = upstream * g
+        return tuple(grads), tuple(upstream * g for g in param_grads)
+
+    stored.defvjp(forward, backward)
+    return stored(chunks, params)
+
+
+_TORCH_STORED: Any = None
+
+
+def _torch_stored() -> Any:
+    """The `autograd.Function`, defined once on first use (torch is imported only then)."""
+    global _TORCH_STORED
+    if _TORCH_STORED is not None:
+        return _TORCH_STORED
+    import torch
+
+    class StoredGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, f: Callable[..., Any], n_chunks: int, *inputs: Any) -> Any:
+            chunks, params = inputs[:n_chunks], inputs[n_chunks:]
+            params = tuple(p.detach().requires_grad_(_is_float(p)) for p in params)
+            floats = [j for j, x in enumerate(chunks) if _is_float(x)]
+            total = None
+            chunk_grads = [torch.zeros_like(chunks[j]) for j in floats]
+            param_grads = [torch.zeros_like(p) for p in params]
+            for i in range(chunks[0].shape[0]):
+                chunk = [x[i].detach().requires_grad_(_is_float(x)) for x in chunks]
+                with torch.enable_grad():
+                    value = f(*chunk, *params)
+                    wanted = [chunk[j] for j in floats] + [p for p in params if p.requires_grad]
+                    grads = torch.autograd.grad(value, wanted, allow_unused=True)
+                for j, g in enumerate(grads[: len(floats)]):
+                    if g is not None:
+                        chunk_grads[j][i] = g
+                float_params = [j for j, p in enumerate(params) if p.requires_grad]
+                for j, g in zip(float_params, grads[len(floats) :], strict=True):
+                    if g is not None:
+                        param_grads[j] += g
+                total = value.detach() if total is None else total + value.detach()
+            ctx.float_chunks = [j in floats for j in range(len(chunks))]
+            ctx.save_for_backward(*chunk_grads, *param_grads)
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, upstream: Any) -> Any:
+            if torch.is_grad_enabled():  # a double backward (create_graph=True)
+                raise RuntimeError(
+                    "The stored chunked gradient (backward='stored') has no second "
+                    "derivative; use backward='recompute' for higher-order derivatives."
+                )
+            saved = iter(ctx.saved_tensors)
+            grads = [upstream * next(saved) if is_float else None for is_float in ctx.float_chunks]
+            grads += [upstream * g for g in saved]
+            return (None, None, *grads)
+
+    _TORCH_STORED = StoredGradient
+    return _TORCH_STORED
+
+
+def _tensorflow_stored(
+    f: Callable[..., Tensor], chunks: list[Any], params: list[Any], dtype: str
+) -> Any:
+    import tensorflow as tf
+
+    floats = [i for i, x in enumerate(chunks) if _is_float(x)]
+
+    @tf.custom_gradient
+    def stored(*inputs: Any) -> Any:
+        float_chunks, params = inputs[: len(floats)], inputs[len(floats) :]
+        full = list(chunks)
+        for i, x in zip(floats, float_chunks, strict=True):
+            full[i] = x
+        count = tf.shape(full[0])[0]
+        chunk_grads = [
+            tf.TensorArray(x.dtype, size=count, element_shape=x.shape[1:]) for x in float_chunks
+        ]
+
+        def body(i: Any, total: Any, param_grads: Any, chunk_grads: Any) -> Any:
+            chunk = [x[i] for x in full]
+            with tf.GradientTape() as tape:
+                tape.watch([chunk[j] for j in floats] + list(params))
+                value = f(*chunk, *params)
+            grads = tape.gradient(
+                value,
+                [chunk[j] for j in floats] + list(params),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            new_chunk_grads = [a.write(i, g) for a, g in zip(chunk_grads, grads, strict=False)]
+            param_grads = [a + g for a, g in zip(param_grads, grads[len(floats) :], strict=True)]
+            return i + 1, total + value, param_grads, new_chunk_grads
+
+        init_total = tf.zeros((), dtype)
+        _, total, param_grads, chunk_grads = tf.while_loop(
+            lambda i, *_: i < count,
+            body,
+            (0, init_total, [tf.zeros_like(p) for p in params], chunk_grads),
+            parallel_iterations=1,
+        )
+        chunk_grads = [a.stack() for a in chunk_grads]
+
+        def gradient(upstream: Any) -> Any:
+            # What was kept has no derivative: differentiating it again must raise, not
+            # give a silent 0 (a nested tape, ForwardAccumulator).
+            grads = [upstream * g for g in (*chunk_grads, *param_grads)]
+            message = "the stored chunked gradient has no second derivative"
+            return [tf.raw_ops.PreventGradient(input=g, message=message) for g in grads]
+
+        return total, gradient
+
+    float_chunks = [chunks[i] for i in floats]
+    return stored(*float_chunks, *params)
 
 
 def log_sigmoids(logits: Tensor) -> tuple[Tensor, Tensor]:

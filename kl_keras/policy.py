@@ -298,20 +298,27 @@ def sequence_policy_kl(
     reference: Any,
     mask: Tensor | None = None,
     chunk_size: int = 1024,
+    backward: str = "stored",
 ) -> Tensor:
     """The mean of `policy_kl_from_logits` over real tokens, from hidden states and a head.
 
     `sequence_distillation_loss` with the policy as the student and the reference as
     the teacher, `divergence="reverse_kl"`: the tokens are taken `chunk_size` at a time
     and no tensor of every token and the whole vocabulary is formed. The heads,
-    `reference` (logits, or a `(ref_hidden, ref_head)` pair), the mask and the autodiff
-    modes are those of `kl_keras.distillation.sequence_distillation_loss`.
+    `reference` (logits, or a `(ref_hidden, ref_head)` pair), the mask, `backward` and the
+    autodiff modes are those of `kl_keras.distillation.sequence_distillation_loss`.
 
     Returns:
         sum(mask * KL(π ‖ π_ref)) / sum(mask), a scalar.
     """
     return sequence_distillation_loss(
-        policy_hidden, policy_head, reference, mask, "reverse_kl", chunk_size=chunk_size
+        policy_hidden,
+        policy_head,
+        reference,
+        mask,
+        "reverse_kl",
+        chunk_size=chunk_size,
+        backward=backward,
     )
 
 

@@ -102,6 +102,27 @@ def test_chunked_equals_dense(name, temperature, chunk_size, close):
     assert np.all(grads[0][mask == 0] == 0)  # padding receives no gradient
 
 
+@pytest.mark.parametrize("backward", ["stored", "recompute"])
+@pytest.mark.parametrize("close", [False, True], ids=["far", "close"])
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_each_backward_gives_the_dense_gradients(name, close, backward):
+    # "stored": each chunk's gradient formed in the forward pass and kept (the default, in
+    # the grid above); "recompute": each chunk rematerialised in the backward pass.
+    hidden, kernel, teacher, mask = problem(seed=18, close=close)
+    loss, grads = value_and_grad(
+        lambda h, k: sequence_distillation_loss(
+            h, k, teacher, mask, name, beta=0.3, temperature=2.0, chunk_size=7, backward=backward
+        ),
+        hidden,
+        kernel,
+    )
+    expected, grad_hidden, grad_kernel = dense_reference(name, hidden, kernel, teacher, mask, 2.0)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-6)
+    assert_gradient_close(grads[0], grad_hidden)
+    assert_gradient_close(grads[1], grad_kernel)
+    assert np.all(grads[0][mask == 0] == 0)
+
+
 def test_matches_logits_distillation_on_the_full_logits():
     hidden, kernel, teacher, mask = problem(seed=1)
     dense = LogitsDistillation(2.0, "jeffreys")(teacher, hidden @ kernel, sample_weight=mask)
@@ -148,12 +169,15 @@ def test_head_forms_give_the_same_loss_and_gradients(form):
 
 
 @pytest.mark.parametrize("form", ["variables", "Dense layer", "function of a layer"])
-def test_head_variables_receive_their_gradient_once(form):
+@pytest.mark.parametrize("backward", ["recompute", "stored"])
+def test_head_variables_receive_their_gradient_once(form, backward):
     hidden, kernel, teacher, mask = problem(seed=4)
     dense = dense_layer(kernel, np.zeros((V,), "float32"))
     projection = head(form, dense)
     gradient = variable_gradients(
-        lambda: sequence_distillation_loss(hidden, projection, teacher, mask, chunk_size=5),
+        lambda: sequence_distillation_loss(
+            hidden, projection, teacher, mask, chunk_size=5, backward=backward
+        ),
         dense.kernel,
     )
     _, _, expected = dense_reference("kl", hidden, kernel, teacher, mask, 1.0)
@@ -310,7 +334,8 @@ def test_no_tensor_of_every_token_and_the_vocabulary_is_alive_at_once():
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's while loops in a graph")
-def test_chunks_run_one_after_another_in_a_tensorflow_graph():
+@pytest.mark.parametrize("backward, least", [("recompute", 2), ("stored", 1)])
+def test_chunks_run_one_after_another_in_a_tensorflow_graph(backward, least):
     # tf.map_fn runs 10 iterations of a graph's loop at once unless told otherwise: ten
     # chunks' temporaries alive together (measured: 2.5x the peak memory, no faster).
     import tensorflow as tf
@@ -321,7 +346,9 @@ def test_chunks_run_one_after_another_in_a_tensorflow_graph():
     def step(hidden, kernel):
         with tf.GradientTape() as tape:
             tape.watch(kernel)
-            loss = sequence_distillation_loss(hidden, kernel, teacher, mask, chunk_size=4)
+            loss = sequence_distillation_loss(
+                hidden, kernel, teacher, mask, chunk_size=4, backward=backward
+            )
         return tape.gradient(loss, kernel)
 
     graph = step.get_concrete_function(hidden, kernel).graph.as_graph_def()
@@ -331,7 +358,7 @@ def test_chunks_run_one_after_another_in_a_tensorflow_graph():
         for node in function.node_def
         if node.op in ("While", "StatelessWhile")
     ] + [node for node in graph.node if node.op in ("While", "StatelessWhile")]
-    assert len(loops) >= 2  # the forward loop and its gradient
+    assert len(loops) >= least  # the forward loop (and, recomputing, its gradient's)
     assert {node.attr["parallel_iterations"].i for node in loops} == {1}
 
 

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
-from helpers import run_in_fresh_process, to_numpy
+from helpers import BACKEND, run_in_fresh_process, to_numpy
 
 import kl_keras
 from kl_keras import SequenceDistiller
@@ -96,6 +96,27 @@ def test_fit_distills_the_student_and_leaves_the_teacher_alone():
     )
     expected = full_logits_loss(to_numpy(teacher(x)), to_numpy(student(x)), weights)
     np.testing.assert_allclose(logs["distillation_loss"], expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True] if BACKEND != "torch" else [False])
+def test_stored_and_recomputed_gradients_train_alike(jit_compile):
+    # backward="stored" (each chunk's gradient kept from the forward pass) against the
+    # rematerialised chunks, through fit's compiled step, the student's own loss included.
+    x, y, weights = data(2)
+    runs = {}
+    for backward in ("recompute", "stored"):
+        teacher, student = language_model(16, 0), language_model(8, 1)
+        distiller = SequenceDistiller(
+            teacher, student, chunk_size=7, student_loss_weight=0.2, backward=backward
+        )
+        distiller.compile(keras.optimizers.SGD(0.5), jit_compile=jit_compile)
+        history = distiller.fit(x, y, sample_weight=weights, epochs=2, batch_size=8, verbose=0)
+        runs[backward] = history.history, student.get_weights()
+    (recompute, recompute_weights), (stored, stored_weights) = runs.values()
+    np.testing.assert_allclose(stored["loss"], recompute["loss"], rtol=1e-5)
+    for a, b in zip(stored_weights, recompute_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(stored_weights[-1] - language_model(8, 1).get_weights()[-1])) > 1e-3
 
 
 def test_student_loss_weight_adds_the_students_cross_entropy():

@@ -284,15 +284,24 @@ def dyadic_problem(seed, n=(3, 11), h=8):
     return hidden, kernel, teacher, mask
 
 
+@pytest.mark.parametrize("backward", ["stored", "recompute"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 33])
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_chunked_equals_the_loss_on_full_logits(tail, chunk_size):
+def test_chunked_equals_the_loss_on_full_logits(tail, chunk_size, backward):
     hidden, kernel, teacher, mask = dyadic_problem(seed=8)
     y_true = pack_top_k(*top_k_of(teacher, 4, 2.0))
 
     def chunked(hidden, kernel):
         return sequence_top_k_distillation_loss(
-            hidden, kernel, y_true, mask, tail, "jeffreys", temperature=2.0, chunk_size=chunk_size
+            hidden,
+            kernel,
+            y_true,
+            mask,
+            tail,
+            "jeffreys",
+            temperature=2.0,
+            chunk_size=chunk_size,
+            backward=backward,
         )
 
     def dense(hidden, kernel):

@@ -95,6 +95,7 @@ def sequence_distillation_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    backward: str = "stored",
 ) -> Tensor:
     """Mean distillation loss over real tokens, from hidden states: no full logits in memory.
 
@@ -126,9 +127,14 @@ def sequence_distillation_loss(
     kernel head casts the hidden states and its kernel; a callable head computes in its
     own dtype and its logits are cast), in float64 from float64; the result has that dtype.
 
-    Autodiff: reverse mode on every backend; also forward mode, second order and
-    vectorising maps on JAX (see the sequence-distillation guide for the modes of each
-    backend).
+    Gradients (`backward`): `"stored"` (the default) forms each chunk's gradient in the
+    forward pass and keeps it (the size of the hidden states and the head), so the
+    backward pass recomputes nothing: about the time of the dense computation.
+    `"recompute"` keeps only each chunk's inputs and computes the chunk again in the
+    backward pass (`keras.remat`): one more forward pass, about 1.5 times the time, and
+    the most autodiff modes. Reverse mode on every backend with either; the other modes of each
+    backend and form are listed in the sequence-distillation guide (with `"recompute"`,
+    JAX has every mode).
 
     Args:
         student_hidden: the student's last hidden states, (B, T, H) or (N, H).
@@ -144,6 +150,7 @@ def sequence_distillation_loss(
         beta: the teacher's weight in the Jensen-Shannon mixture, in [0, 1].
         temperature: T, a finite number > 0.
         chunk_size: the number of tokens per chunk, an int >= 1.
+        backward: `"stored"` or `"recompute"`, how the gradient is formed (above).
 
     Returns:
         A scalar.
@@ -166,6 +173,7 @@ def sequence_distillation_loss(
     beta = _checks.check_beta(beta)
     temperature = _checks.check_temperature(temperature)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    backward = _checks.check_choice("backward", backward, _chunked.BACKWARDS)
     rows, leading, dtype = _hidden_rows(student_hidden)
     student = _projection_head("student_head", student_head, rows.shape[-1], dtype)
     if isinstance(teacher, (tuple, list)):
@@ -200,7 +208,9 @@ def sequence_distillation_loss(
         )
 
     params = (*student.params, *teacher_params)
-    return _chunked.token_mean(per_token, (rows, teacher_rows), weights, params, chunk_size)
+    return _chunked.token_mean(
+        per_token, (rows, teacher_rows), weights, params, chunk_size, backward
+    )
 
 
 def sequence_top_k_distillation_loss(
@@ -213,6 +223,7 @@ def sequence_top_k_distillation_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    backward: str = "stored",
 ) -> Tensor:
     """`sequence_distillation_loss` from a teacher's stored top-k instead of its logits.
 
@@ -236,6 +247,7 @@ def sequence_top_k_distillation_loss(
         beta: the teacher's weight in the Jensen-Shannon mixture, in [0, 1].
         temperature: T, the one the top-k were taken at.
         chunk_size: the number of tokens per chunk, an int >= 1.
+        backward: as in `sequence_distillation_loss`.
 
     Returns:
         A scalar.
@@ -245,6 +257,7 @@ def sequence_top_k_distillation_loss(
     beta = _checks.check_beta(beta)
     temperature = _checks.check_temperature(temperature)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    backward = _checks.check_choice("backward", backward, _chunked.BACKWARDS)
     rows, leading, dtype = _hidden_rows(student_hidden)
     student = _projection_head("student_head", student_head, rows.shape[-1], dtype)
     top_k = ops.convert_to_tensor(top_k)
@@ -260,7 +273,9 @@ def sequence_top_k_distillation_loss(
             divergence, chunk_ids, ops.cast(log_probs, dtype), logits, tail, beta, temperature
         )
 
-    return _chunked.token_mean(per_token, (rows, targets), weights, student.params, chunk_size)
+    return _chunked.token_mean(
+        per_token, (rows, targets), weights, student.params, chunk_size, backward
+    )
 
 
 def _hidden_rows(student_hidden: Tensor) -> tuple[Tensor, tuple[Any, ...], str]:
@@ -276,7 +291,7 @@ def _hidden_rows(student_hidden: Tensor) -> tuple[Tensor, tuple[Any, ...], str]:
 
 
 def _sequence_cross_entropy(
-    hidden: Tensor, head: _Head, labels: Tensor, weights: Tensor, chunk_size: int
+    hidden: Tensor, head: _Head, labels: Tensor, weights: Tensor, chunk_size: int, backward: str
 ) -> Tensor:
     """The mean next-token cross-entropy over real tokens, in chunks like the loss above."""
 
@@ -287,7 +302,7 @@ def _sequence_cross_entropy(
 
     rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
     return _chunked.token_mean(
-        per_token, (rows, ops.reshape(labels, (-1,))), weights, head.params, chunk_size
+        per_token, (rows, ops.reshape(labels, (-1,))), weights, head.params, chunk_size, backward
     )
 
 
@@ -368,6 +383,7 @@ class SequenceDistiller(keras.Model):
             requires equal sizes.
         tail: without a teacher, how the mass outside the top-k is handled:
             `"bucket"` or `"renormalize"` (see `TopKDistillation`).
+        backward: as in `sequence_distillation_loss`.
         **kwargs: passed to `keras.Model` (`name`, ...).
     """
 
@@ -382,6 +398,7 @@ class SequenceDistiller(keras.Model):
         student_loss_weight: float = 0.0,
         vocabulary_size: int | None = None,
         tail: str = "bucket",
+        backward: str = "stored",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -393,6 +410,7 @@ class SequenceDistiller(keras.Model):
         self.chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         self.student_loss_weight = _checks.check_weight("student_loss_weight", student_loss_weight)
         self.tail = _checks.check_choice("tail", tail, top_k_module.TAILS)
+        self.backward = _checks.check_choice("backward", backward, _chunked.BACKWARDS)
         self.teacher, self.student = teacher, student
         self._student_hidden, student_head, student_size = _split("student", student)
         if teacher is None:  # the teacher's top-k come as `y`
@@ -460,6 +478,7 @@ class SequenceDistiller(keras.Model):
                 self.beta,
                 self.temperature,
                 self.chunk_size,
+                self.backward,
             )
         else:
             teacher_hidden = ops.stop_gradient(self._teacher_hidden(x, training=False))
@@ -472,6 +491,7 @@ class SequenceDistiller(keras.Model):
                 self.beta,
                 self.temperature,
                 self.chunk_size,
+                self.backward,
             )
         weights = _chunked.token_weights(
             sample_weight, tuple(hidden.shape[:-1]), ops.shape(hidden)[:-1], "float32"
@@ -489,7 +509,7 @@ class SequenceDistiller(keras.Model):
                 core.computation_dtype(keras.backend.standardize_dtype(hidden.dtype)),
             )
             cross_entropy = _sequence_cross_entropy(
-                hidden, head, y, ops.reshape(weights, (-1,)), self.chunk_size
+                hidden, head, y, ops.reshape(weights, (-1,)), self.chunk_size, self.backward
             )
             total = total + self.student_loss_weight * cross_entropy
         return _distribute.per_replica(total)
@@ -509,6 +529,7 @@ class SequenceDistiller(keras.Model):
                 "student_loss_weight": self.student_loss_weight,
                 "vocabulary_size": self.vocabulary_size,
                 "tail": self.tail,
+                "backward": self.backward,
             }
         )
         return config
