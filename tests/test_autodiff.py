@@ -315,6 +315,16 @@ CASES = {
         lambda rng: [rng.normal(size=(2, 5, 4)).astype("float32")],
         unsupported=STORED,
     ),
+    **{f"policy_kl {e}": policy_case(e) for e in ("k2", "k3", "k2+")},
+    **{f"policy_kl {e}": policy_case(e, curved=False) for e in ("k1", "abs")},
+    "policy_kl k3 clipped": policy_case("k3", clip=(0.0, 0.05)),
+    "policy_kl_from_logits close": Case(
+        lambda z: kl_keras.policy_kl_from_logits(z, keras.ops.broadcast_to(REF_LOGITS, z.shape)),
+        lambda z: ref.on_logits("kl", z, np.broadcast_to(REF_LOGITS, z.shape)),
+        lambda rng: [(REF_LOGITS + 0.02 * rng.normal(size=(2, 3, 4))).astype("float32")],
+    ),
+    "TopKDistillation bucket": top_k_case("bucket"),
+    "TopKDistillation renormalize": top_k_case("renormalize"),
     "sequence_top_k_distillation_loss": Case(  # its default: backward="stored"
         sequence_top_k_loss,
         sequence_top_k_reference,
