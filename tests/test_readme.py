@@ -24,7 +24,7 @@ BLOCKS = {
 def test_the_readme_and_every_guide_have_python_blocks():
     assert any(name.startswith("README.md") for name in BLOCKS)
     guides = sorted((ROOT / "docs" / "guides").glob("*.md"))
-    assert len(guides) == 9
+    assert len(guides) == 10
     for guide in guides:
         assert any(name.startswith(str(guide.relative_to(ROOT))) for name in BLOCKS), guide
 
