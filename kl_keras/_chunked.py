@@ -41,11 +41,16 @@ def token_mean(
     params: Sequence[Tensor],
     chunk_size: int,
     backward: str = "stored",
+    frozen_params: Sequence[Tensor] = (),
 ) -> Tensor:
-    """sum(weights * per_row(*arrays, *params)) / sum(weights), over rows, in chunks.
+    """sum(weights * per_row(*arrays, *params, *frozen_params)) / sum(weights), over rows,
+    in chunks.
 
-    `per_row` maps a chunk of each of `arrays` (rows first) and the `params` to one value
-    per row. It sees the chunks `chunk_size` rows at a time, one chunk after another; rows
+    `per_row` maps a chunk of each of `arrays` (rows first) and the parameters to one value
+    per row. The gradient flows to the weights, the first array (the hidden states) and
+    `params`; the other arrays (a teacher's rows, targets) and `frozen_params` (a
+    teacher's head) are data: `per_row` must not let a gradient reach them, and the stored
+    form forms none. It sees the chunks `chunk_size` rows at a time, one chunk after another; rows
     of weight 0 are replaced by zeros before it sees them, and left out. Both sums are over
     the global batch (all-reduced inside a `tf.distribute` replica); with no weight above
     0 the mean is 0 with zero gradients.
@@ -69,12 +74,16 @@ def token_mean(
 
     chunks = tuple(in_chunks(x, chunk_size) for x in (weights, *arrays))
     if backward == "stored":
-        total = _kernels.stored_gradient_sum(chunk_total, chunks, params, weights.dtype)
+        total = _kernels.stored_gradient_sum(
+            chunk_total, chunks[:2], params, weights.dtype, chunks[2:], frozen_params
+        )
     else:
         rematerialised = keras.remat(chunk_total)
         total = ops.sum(
             _kernels.sequential_map(
-                lambda chunk: rematerialised(*chunk, *params), chunks, weights.dtype
+                lambda chunk: rematerialised(*chunk, *params, *frozen_params),
+                chunks,
+                weights.dtype,
             )
         )
     total, count = _distribute.global_sums(total, ops.sum(weights))

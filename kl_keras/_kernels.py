@@ -75,24 +75,37 @@ def sequential_map(f: Callable[[Any], Tensor], xs: Any, dtype: str) -> Tensor:
 
 
 def stored_gradient_sum(
-    f: Callable[..., Tensor], chunks: Sequence[Tensor], params: Sequence[Tensor], dtype: str
+    f: Callable[..., Tensor],
+    chunks: Sequence[Tensor],
+    params: Sequence[Tensor],
+    dtype: str,
+    frozen_chunks: Sequence[Tensor] = (),
+    frozen_params: Sequence[Tensor] = (),
 ) -> Tensor:
-    """`sum over i of f(*chunks[:, i], *params)`, each chunk's gradient formed in the
-    forward pass and kept: the backward pass scales what was kept, recomputing nothing.
+    """`sum over i of f(*chunks[:, i], *frozen_chunks[:, i], *params, *frozen_params)`,
+    each chunk's gradient formed in the forward pass and kept: the backward pass scales
+    what was kept, recomputing nothing.
 
-    `chunks` are stacked along their first axis (one entry per chunk); `f` returns a
-    scalar of `dtype`. Only its float inputs are differentiated. What is kept is the size of the
-    inputs: each chunk's gradient (one chunk at a time is computed) and the sum of the
-    parameters' gradients. Reverse mode only, first order: forward mode, second order
-    and vectorising maps raise (a JAX `custom_vjp`, a PyTorch `autograd.Function` without
-    `jvp`, a TensorFlow `custom_gradient` under a tape that is not persistent).
+    Chunks are stacked along their first axis (one entry per chunk); `f` returns a scalar
+    of `dtype`. The float `chunks` and the `params` are differentiated; the frozen ones are
+    data (a teacher, targets), given no gradient and none kept. What is kept is the size
+    of what is differentiated: each chunk's gradient (one chunk at a time is computed) and
+    the sum of the parameters' gradients. Reverse mode only: forward mode raises, and so
+    do second order and vectorising maps except on JAX (a JAX `custom_vjp`, whose rules
+    JAX differentiates again; a PyTorch `autograd.Function` without `jvp`; a TensorFlow
+    `custom_gradient` whose gradients refuse to be differentiated).
     """
+    wanted = [i for i, x in enumerate(chunks) if _is_float(x)]
+    trained = len(params)
+    every_chunk, every_param = (*chunks, *frozen_chunks), (*params, *frozen_params)
     backend = keras.backend.backend()
     if backend == "jax":
-        return _jax_stored(f, tuple(chunks), tuple(params), dtype)
+        return _jax_stored(f, every_chunk, every_param, dtype, wanted, trained)
     if backend == "torch":
-        return _torch_stored().apply(f, len(chunks), *chunks, *params)
-    return _tensorflow_stored(f, list(chunks), list(params), dtype)
+        return _torch_stored().apply(
+            f, wanted, trained, len(every_chunk), *every_chunk, *every_param
+        )
+    return _tensorflow_stored(f, list(every_chunk), list(every_param), dtype, wanted, trained)
 
 
 def _is_float(x: Any) -> bool:
@@ -100,32 +113,36 @@ def _is_float(x: Any) -> bool:
 
 
 def _jax_stored(
-    f: Callable[..., Tensor], chunks: tuple[Any, ...], params: tuple[Any, ...], dtype: str
+    f: Callable[..., Tensor],
+    chunks: tuple[Any, ...],
+    params: tuple[Any, ...],
+    dtype: str,
+    wanted: list[int],
+    trained: int,
 ) -> Any:
+    """The stored sum on JAX: `wanted` are the differentiated chunks, `params[:trained]`
+    the differentiated parameters."""
     import jax
     import jax.numpy as jnp
 
-    floats = [i for i, x in enumerate(chunks) if _is_float(x)]
-
-    def split(chunk: tuple[Any, ...]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        def g(differentiable: tuple[Any, ...], params: tuple[Any, ...]) -> Any:
-            full = list(chunk)
-            for i, x in zip(floats, differentiable, strict=True):
-                full[i] = x
-            return f(*full, *params)
-
-        return g, tuple(chunk[i] for i in floats)
-
     def forward(chunks: tuple[Any, ...], params: tuple[Any, ...]) -> Any:
+        frozen = params[trained:]
+
         def body(carry: Any, chunk: tuple[Any, ...]) -> Any:
             total, param_grads = carry
-            g, differentiable = split(chunk)
-            value, vjp = jax.vjp(g, differentiable, params)
+
+            def g(differentiable: tuple[Any, ...], trained_params: tuple[Any, ...]) -> Any:
+                full = list(chunk)
+                for i, x in zip(wanted, differentiable, strict=True):
+                    full[i] = x
+                return f(*full, *trained_params, *frozen)
+
+            value, vjp = jax.vjp(g, tuple(chunk[i] for i in wanted), params[:trained])
             chunk_grads, new_param_grads = vjp(jnp.ones_like(value))
             param_grads = tuple(a + b for a, b in zip(param_grads, new_param_grads, strict=True))
             return (total + value, param_grads), chunk_grads
 
-        init = (jnp.zeros((), dtype), tuple(jnp.zeros_like(p) for p in params))
+        init = (jnp.zeros((), dtype), tuple(jnp.zeros_like(p) for p in params[:trained]))
         (total, param_grads), chunk_grads = jax.lax.scan(body, init, chunks)
         return total, (chunk_grads, param_grads)
 
@@ -136,9 +153,10 @@ def _jax_stored(
     def backward(saved: Any, upstream: Any) -> Any:
         chunk_grads, param_grads = saved
         grads: list[Any] = [None] * len(chunks)
-        for i, g in zip(floats, chunk_grads, strict=True):
+        for i, g in zip(wanted, chunk_grads, strict=True):
             grads[i] = upstream * g
-        return tuple(grads), tuple(upstream * g for g in param_grads)
+        frozen: list[Any] = [None] * (len(params) - trained)
+        return tuple(grads), (*(upstream * g for g in param_grads), *frozen)
 
     stored.defvjp(forward, backward)
     return stored(chunks, params)
@@ -156,28 +174,37 @@ def _torch_stored() -> Any:
 
     class StoredGradient(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, f: Callable[..., Any], n_chunks: int, *inputs: Any) -> Any:
+        def forward(
+            ctx: Any,
+            f: Callable[..., Any],
+            wanted: list[int],
+            trained: int,
+            n_chunks: int,
+            *inputs: Any,
+        ) -> Any:
             chunks, params = inputs[:n_chunks], inputs[n_chunks:]
-            params = tuple(p.detach().requires_grad_(_is_float(p)) for p in params)
-            floats = [j for j, x in enumerate(chunks) if _is_float(x)]
+            params = tuple(
+                p.detach().requires_grad_(i < trained and _is_float(p))
+                for i, p in enumerate(params)
+            )
             total = None
-            chunk_grads = [torch.zeros_like(chunks[j]) for j in floats]
-            param_grads = [torch.zeros_like(p) for p in params]
+            chunk_grads = [torch.zeros_like(chunks[j]) for j in wanted]
+            param_grads = [torch.zeros_like(p) for p in params[:trained]]
+            differentiated = [j for j, p in enumerate(params) if p.requires_grad]
             for i in range(chunks[0].shape[0]):
-                chunk = [x[i].detach().requires_grad_(_is_float(x)) for x in chunks]
+                chunk = [x[i].detach().requires_grad_(j in wanted) for j, x in enumerate(chunks)]
                 with torch.enable_grad():
                     value = f(*chunk, *params)
-                    wanted = [chunk[j] for j in floats] + [p for p in params if p.requires_grad]
-                    grads = torch.autograd.grad(value, wanted, allow_unused=True)
-                for j, g in enumerate(grads[: len(floats)]):
+                    inputs_ = [chunk[j] for j in wanted] + [params[j] for j in differentiated]
+                    grads = torch.autograd.grad(value, inputs_, allow_unused=True)
+                for j, g in enumerate(grads[: len(wanted)]):
                     if g is not None:
                         chunk_grads[j][i] = g
-                float_params = [j for j, p in enumerate(params) if p.requires_grad]
-                for j, g in zip(float_params, grads[len(floats) :], strict=True):
+                for j, g in zip(differentiated, grads[len(wanted) :], strict=True):
                     if g is not None:
                         param_grads[j] += g
                 total = value.detach() if total is None else total + value.detach()
-            ctx.float_chunks = [j in floats for j in range(len(chunks))]
+            ctx.shape = (n_chunks, wanted, len(params) - trained)
             ctx.save_for_backward(*chunk_grads, *param_grads)
             return total
 
@@ -188,45 +215,54 @@ def _torch_stored() -> Any:
                     "The stored chunked gradient (backward='stored') has no second "
                     "derivative; use backward='recompute' for higher-order derivatives."
                 )
-            saved = iter(ctx.saved_tensors)
-            grads = [upstream * next(saved) if is_float else None for is_float in ctx.float_chunks]
-            grads += [upstream * g for g in saved]
-            return (None, None, *grads)
+            n_chunks, wanted, frozen = ctx.shape
+            saved = ctx.saved_tensors
+            grads: list[Any] = [None] * n_chunks
+            for j, g in zip(wanted, saved[: len(wanted)], strict=True):
+                grads[j] = upstream * g
+            grads += [upstream * g for g in saved[len(wanted) :]] + [None] * frozen
+            return (None, None, None, None, *grads)
 
     _TORCH_STORED = StoredGradient
     return _TORCH_STORED
 
 
 def _tensorflow_stored(
-    f: Callable[..., Tensor], chunks: list[Any], params: list[Any], dtype: str
+    f: Callable[..., Tensor],
+    chunks: list[Any],
+    params: list[Any],
+    dtype: str,
+    wanted: list[int],
+    trained: int,
 ) -> Any:
     import tensorflow as tf
 
-    floats = [i for i, x in enumerate(chunks) if _is_float(x)]
+    # What is not differentiated is captured, as tensors (a captured variable would ask
+    # custom_gradient for its gradient).
+    frozen = [tf.convert_to_tensor(p) for p in params[trained:]]
 
     @tf.custom_gradient
     def stored(*inputs: Any) -> Any:
-        float_chunks, params = inputs[: len(floats)], inputs[len(floats) :]
+        differentiable, params = inputs[: len(wanted)], inputs[len(wanted) :]
         full = list(chunks)
-        for i, x in zip(floats, float_chunks, strict=True):
+        for i, x in zip(wanted, differentiable, strict=True):
             full[i] = x
         count = tf.shape(full[0])[0]
         chunk_grads = [
-            tf.TensorArray(x.dtype, size=count, element_shape=x.shape[1:]) for x in float_chunks
+            tf.TensorArray(x.dtype, size=count, element_shape=x.shape[1:]) for x in differentiable
         ]
 
         def body(i: Any, total: Any, param_grads: Any, chunk_grads: Any) -> Any:
             chunk = [x[i] for x in full]
+            sources = [chunk[j] for j in wanted] + list(params)
             with tf.GradientTape() as tape:
-                tape.watch([chunk[j] for j in floats] + list(params))
-                value = f(*chunk, *params)
+                tape.watch(sources)
+                value = f(*chunk, *params, *frozen)
             grads = tape.gradient(
-                value,
-                [chunk[j] for j in floats] + list(params),
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                value, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
             new_chunk_grads = [a.write(i, g) for a, g in zip(chunk_grads, grads, strict=False)]
-            param_grads = [a + g for a, g in zip(param_grads, grads[len(floats) :], strict=True)]
+            param_grads = [a + g for a, g in zip(param_grads, grads[len(wanted) :], strict=True)]
             return i + 1, total + value, param_grads, new_chunk_grads
 
         init_total = tf.zeros((), dtype)
@@ -247,8 +283,7 @@ def _tensorflow_stored(
 
         return total, gradient
 
-    float_chunks = [chunks[i] for i in floats]
-    return stored(*float_chunks, *params)
+    return stored(*(chunks[i] for i in wanted), *params[:trained])
 
 
 def log_sigmoids(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -311,7 +311,8 @@ def test_float64_inputs_are_computed_in_float64():
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA's memory analysis of the compiled step")
-def test_no_tensor_of_every_token_and_the_vocabulary_is_alive_at_once():
+@pytest.mark.parametrize("backward", ["stored", "recompute"])
+def test_no_tensor_of_every_token_and_the_vocabulary_is_alive_at_once(backward):
     import jax
 
     n, h, v, chunk = 4096, 32, 4096, 64
@@ -325,7 +326,9 @@ def test_no_tensor_of_every_token_and_the_vocabulary_is_alive_at_once():
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         return step.lower(hidden, kernel, teacher).compile().memory_analysis().temp_size_in_bytes
 
-    fused = temporary_bytes(lambda x, k, t: sequence_distillation_loss(x, k, t, chunk_size=chunk))
+    fused = temporary_bytes(
+        lambda x, k, t: sequence_distillation_loss(x, k, t, chunk_size=chunk, backward=backward)
+    )
     dense = temporary_bytes(
         lambda x, k, t: keras.ops.mean(LogitsDistillation(reduction="none")(t, x @ k))
     )

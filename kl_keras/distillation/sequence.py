@@ -207,9 +207,14 @@ def sequence_distillation_loss(
             divergence, "logits", ops.stop_gradient(chunk_teacher), logits, -1, beta, temperature
         )
 
-    params = (*student.params, *teacher_params)
     return _chunked.token_mean(
-        per_token, (rows, teacher_rows), weights, params, chunk_size, backward
+        per_token,
+        (rows, teacher_rows),
+        weights,
+        student.params,
+        chunk_size,
+        backward,
+        frozen_params=teacher_params,
     )
 
 
