@@ -15,6 +15,7 @@ Besides: what an engine does differently with the same `keras.ops` (`read_value`
 (`widest_float`, for JAX without x64).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -162,14 +163,9 @@ def _jax_stored(
     return stored(chunks, params)
 
 
-_TORCH_STORED: Any = None
-
-
+@functools.cache
 def _torch_stored() -> Any:
     """The `autograd.Function`, defined once on first use (torch is imported only then)."""
-    global _TORCH_STORED
-    if _TORCH_STORED is not None:
-        return _TORCH_STORED
     import torch
 
     class StoredGradient(torch.autograd.Function):
@@ -223,8 +219,7 @@ def _torch_stored() -> Any:
             grads += [upstream * g for g in saved[len(wanted) :]] + [None] * frozen
             return (None, None, None, None, *grads)
 
-    _TORCH_STORED = StoredGradient
-    return _TORCH_STORED
+    return StoredGradient
 
 
 def _tensorflow_stored(
@@ -364,14 +359,9 @@ def _tensorflow_rule(function: ValueAndDerivatives, a: Tensor, b: Tensor) -> Ten
     return value(a, b)
 
 
-_TORCH_RULE: Any = None
-
-
+@functools.cache
 def _torch_rule() -> Any:
     """The `autograd.Function`, defined once on first use (torch is imported only then)."""
-    global _TORCH_RULE
-    if _TORCH_RULE is not None:
-        return _TORCH_RULE
     import torch
 
     class WithDerivatives(torch.autograd.Function):
@@ -408,5 +398,4 @@ def _torch_rule() -> Any:
                     total = total + torch.sum(derivative * tangent, dim=ctx.axis, keepdim=True)
             return total, None, None
 
-    _TORCH_RULE = WithDerivatives
-    return _TORCH_RULE
+    return WithDerivatives
