@@ -50,15 +50,15 @@ def token_mean(
     per row. The gradient flows to the weights, the first array (the hidden states) and
     `params`; the other arrays (a teacher's rows, targets) and `frozen_params` (a
     teacher's head) are data: `per_row` must not let a gradient reach them, and the stored
-    form forms none. It sees the chunks `chunk_size` rows at a time, one chunk after another; rows
-    of weight 0 are replaced by zeros before it sees them, and left out. Both sums are over
-    the global batch (all-reduced inside a `tf.distribute` replica); with no weight above
-    0 the mean is 0 with zero gradients.
+    form forms none. It sees the chunks `chunk_size` rows at a time, one chunk after
+    another; rows of weight 0 are replaced by zeros before it sees them, and left out.
+    Both sums are over the global batch (all-reduced inside a `tf.distribute` replica);
+    with no weight above 0 the mean is 0 with zero gradients.
 
     `backward` is how the gradient is formed: `"recompute"`, each chunk rematerialised in
     the backward pass (`keras.remat`: the autodiff modes of each backend's
     rematerialisation); `"stored"`, each chunk's gradient formed in the forward pass and
-    kept (`_kernels.stored_gradient_sum`: reverse mode only, and no chunk computed twice).
+    kept (`_kernels.stored_gradient_sum`: no chunk computed twice, fewer autodiff modes).
     """
     if isinstance(weights.shape[0], int):
         chunk_size = max(1, min(chunk_size, weights.shape[0]))

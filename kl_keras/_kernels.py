@@ -91,10 +91,11 @@ def stored_gradient_sum(
     of `dtype`. The float `chunks` and the `params` are differentiated; the frozen ones are
     data (a teacher, targets), given no gradient and none kept. What is kept is the size
     of what is differentiated: each chunk's gradient (one chunk at a time is computed) and
-    the sum of the parameters' gradients. Reverse mode only: forward mode raises, and so
-    do second order and vectorising maps except on JAX (a JAX `custom_vjp`, whose rules
-    JAX differentiates again; a PyTorch `autograd.Function` without `jvp`; a TensorFlow
-    `custom_gradient` whose gradients refuse to be differentiated).
+    the sum of the parameters' gradients. Forward mode raises everywhere; second order
+    holds on JAX only (a `custom_vjp`, whose rules JAX differentiates again) and raises on
+    TensorFlow (a `custom_gradient` whose gradients refuse to be differentiated) and
+    PyTorch (an `autograd.Function` without `jvp` or double backward); vectorising maps
+    hold on JAX and TensorFlow (the table of the sequence-distillation guide).
     """
     wanted = [i for i, x in enumerate(chunks) if _is_float(x)]
     trained = len(params)
