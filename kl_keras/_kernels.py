@@ -8,7 +8,8 @@ op, each op a kernel that writes a full-size temporary, so there the fused `log_
 kernel (one pass forward, one backward, with forward-mode, second-order and `torch.func`
 rules) wins. KL from logits is one form on every backend (the core,
 `kl_keras.divergence.log_ratio`), differentiated by its closed form rather than traced
-back through the core. Measured in BENCHMARKS.md.
+back through the core; so are KL on probabilities, reverse KL and Jeffreys. Measured in
+BENCHMARKS.md.
 
 Besides: what an engine does differently with the same `keras.ops` (`read_value` and
 `sequential_map`, for TensorFlow's graphs) and what a backend can compute in
@@ -300,7 +301,9 @@ def log_sigmoids(logits: Tensor) -> tuple[Tensor, Tensor]:
     return log_on, -ops.relu(logits) - softplus_of_negative_abs
 
 
-def with_derivatives(function: ValueAndDerivatives, a: Tensor, b: Tensor, axis: int) -> Tensor:
+def with_derivatives(
+    function: ValueAndDerivatives, a: Tensor, b: Tensor, axis: int, exact_zeros: bool = False
+) -> Tensor:
     """`function(a, b, False)[0]`, a value per row, whose first derivatives are the closed
     forms that `function(a, b, True)` gives, in every autodiff mode.
 
@@ -310,42 +313,64 @@ def with_derivatives(function: ValueAndDerivatives, a: Tensor, b: Tensor, axis: 
     derivatives by the cotangent of each row, forward mode sums them against the tangents,
     and second order differentiates `function`'s derivatives with the backend's own
     autodiff (so a closed form must itself be differentiable, as `keras.ops` are).
-    Vectorising maps see the same rule. Each backend registers it with its own engine:
-    a JAX `custom_jvp`; a PyTorch `autograd.Function` (forward AD, double backward,
-    `torch.func`; a double backward recomputes the derivatives from the inputs); a
-    TensorFlow `custom_gradient` (a tape around the first one records the ops that compute
+    Vectorising maps see the same rule. With `exact_zeros`, an entry whose derivative is
+    exactly 0 (one the value does not depend on, as a probability target's zero) gets a
+    derivative of 0 whatever the cotangent, NaN included, as a `where` traced by the
+    backend would give it (for `b`, the prediction, only). Each backend registers it with
+    its own engine: a JAX `custom_jvp` (a symbolic zero tangent, an argument that is not
+    differentiated, leaves its derivative out); a PyTorch `autograd.Function` (forward AD,
+    double backward, `torch.func`; a double backward recomputes the derivatives from the
+    inputs; the backward forms only the gradients asked for); a TensorFlow `custom_gradient` (a tape around the first one records the ops that compute
     the derivatives, so nested tapes see them as functions of the inputs, eagerly, in
     `tf.function` and under XLA; `ForwardAccumulator` does not use the rule, it
     differentiates the forward ops).
     """
     backend = keras.backend.backend()
     if backend == "jax":
-        return _jax_rule(function, axis)(a, b)
+        return _jax_rule(function, axis, exact_zeros)(a, b)
     if backend == "torch":
-        return _torch_rule().apply(a, b, function, axis)[0]
+        return _torch_rule().apply(a, b, function, axis, exact_zeros)[0]
     if backend == "tensorflow":
-        return _tensorflow_rule(function, a, b)
+        return _tensorflow_rule(function, a, b, exact_zeros)
     return function(a, b, False)[0]  # pragma: no cover - another backend's own autodiff
 
 
-def _jax_rule(function: ValueAndDerivatives, axis: int) -> Any:
+def _times(derivative: Tensor, factor: Tensor, exact_zeros: bool) -> Tensor:
+    """`derivative * factor`; with `exact_zeros`, 0 wherever `derivative` is 0."""
+    if exact_zeros:
+        factor = ops.where(derivative == 0, 0.0, factor)
+    return derivative * factor
+
+
+def _jax_rule(function: ValueAndDerivatives, axis: int, exact_zeros: bool) -> Any:
     import jax
 
     @jax.custom_jvp
     def value(a: Tensor, b: Tensor) -> Tensor:
         return function(a, b, False)[0]
 
-    @value.defjvp
     def value_jvp(primals: Any, tangents: Any) -> Any:
         a, b = primals
-        tangent_a, tangent_b = tangents
         result, d_a, d_b = function(a, b, True)
-        return result, ops.sum(d_a * tangent_a + d_b * tangent_b, axis=axis, keepdims=True)
+        # An argument that is not differentiated (a teacher, a target) has a symbolic zero
+        # tangent: its term is left out, and XLA drops the derivative that would feed it.
+        tangent = None
+        for derivative, t, zeros in ((d_a, tangents[0], False), (d_b, tangents[1], exact_zeros)):
+            if not isinstance(t, jax.custom_derivatives.SymbolicZero):
+                term = _times(derivative, t, zeros)
+                tangent = term if tangent is None else tangent + term
+        if tangent is None:
+            return result, ops.zeros_like(result)
+        return result, ops.sum(tangent, axis=axis, keepdims=True)
+
+    value.defjvp(value_jvp, symbolic_zeros=True)
 
     return value
 
 
-def _tensorflow_rule(function: ValueAndDerivatives, a: Tensor, b: Tensor) -> Tensor:
+def _tensorflow_rule(
+    function: ValueAndDerivatives, a: Tensor, b: Tensor, exact_zeros: bool
+) -> Tensor:
     import tensorflow as tf
 
     @tf.custom_gradient
@@ -353,7 +378,7 @@ def _tensorflow_rule(function: ValueAndDerivatives, a: Tensor, b: Tensor) -> Ten
         result, d_a, d_b = function(a, b, True)
 
         def gradient(upstream: Tensor) -> tuple[Tensor, Tensor]:
-            return upstream * d_a, upstream * d_b
+            return upstream * d_a, _times(d_b, upstream, exact_zeros)
 
         return result, gradient
 
@@ -369,14 +394,16 @@ def _torch_rule() -> Any:
         generate_vmap_rule = True
 
         @staticmethod
-        def forward(a: Any, b: Any, function: ValueAndDerivatives, axis: int) -> Any:
+        def forward(
+            a: Any, b: Any, function: ValueAndDerivatives, axis: int, exact_zeros: bool
+        ) -> Any:
             return function(a, b, True)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-            a, b, function, axis = inputs
+            a, b, function, axis, exact_zeros = inputs
             _, d_a, d_b = output
-            ctx.function, ctx.axis = function, axis
+            ctx.function, ctx.axis, ctx.exact_zeros = function, axis, exact_zeros
             ctx.mark_non_differentiable(d_a, d_b)
             ctx.save_for_backward(a, b, d_a, d_b)
             ctx.save_for_forward(d_a, d_b)
@@ -388,15 +415,19 @@ def _torch_rule() -> Any:
                 # A double backward (create_graph=True): the derivatives as functions of
                 # the inputs, so that they are differentiated in turn.
                 _, d_a, d_b = ctx.function(a, b, True)
-            return upstream * d_a, upstream * d_b, None, None
+            need_a, need_b = ctx.needs_input_grad[:2]
+            d_a = upstream * d_a if need_a else None
+            d_b = _times(d_b, upstream, ctx.exact_zeros) if need_b else None
+            return d_a, d_b, None, None, None
 
         @staticmethod
         def jvp(ctx: Any, tangent_a: Any, tangent_b: Any, *_: Any) -> Any:
             d_a, d_b = ctx.saved_tensors
             total: Any = 0.0
-            for derivative, tangent in ((d_a, tangent_a), (d_b, tangent_b)):
+            for derivative, tangent, zeros in ((d_a, tangent_a, False), (d_b, tangent_b, True)):
                 if tangent is not None:
-                    total = total + torch.sum(derivative * tangent, dim=ctx.axis, keepdim=True)
+                    product = _times(derivative, tangent, zeros and ctx.exact_zeros)
+                    total = total + torch.sum(product, dim=ctx.axis, keepdim=True)
             return total, None, None
 
     return WithDerivatives

@@ -8,9 +8,10 @@ divergence, and `divergence_values` applies what is common to all (the NaN rule,
 endpoints, T²). Binary KL and the sparsity penalty are the two-outcome case
 (`_bernoulli_terms`). Everything is `keras.ops`, so it runs unchanged on TensorFlow, JAX and
 PyTorch, and every derivative is traced by the backend's own autodiff in every mode,
-except the first derivatives of KL, reverse KL and Jeffreys from logits, which are their
-closed forms (`exact_kl`, `_floored_from_target`, `_floored_distillation`, registered per
-backend by `kl_keras._kernels`; their second derivatives are traced again). Arguments are
+except the first derivatives of KL, reverse KL and Jeffreys from logits and of KL on
+probabilities, which are their closed forms (`exact_kl`, `_floored_from_target`,
+`_floored_distillation`, `_kl_on_probabilities`, registered per backend by
+`kl_keras._kernels`; their second derivatives are traced again). Arguments are
 checked by the callers (`kl_keras._shell`); nothing here holds state.
 
 The numerical conventions users see are stated once, in `kl_keras.kl_divergence`'s
@@ -161,8 +162,33 @@ def _floored_log(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float) -> Tensor:
-    """`sum(p * log(p / max(q, epsilon)))`."""
-    return ops.sum(_kl_terms(p, q), axis=axis, keepdims=True)
+    """`sum(p * log(p / max(q, epsilon)))`, differentiated by its closed form:
+
+    ```python
+    d / d q = -p / max(q, epsilon)        # the floor's derivative that of q itself
+    d / d p = log(p / max(q, epsilon)) + 1, 0 where p = 0
+    ```
+
+    Written for PyTorch's eager mode as much as for XLA: no `where` with a constant branch
+    (each is a full-size fill and select there). Below ε the floor is `q + stop_gradient(ε -
+    q)`, and a negative or NaN `q` makes its row NaN.
+    """
+
+    def function(p: Tensor, q: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
+        epsilon = keras.config.epsilon()
+        lifted = q + ops.stop_gradient(epsilon - q)  # epsilon, with the derivative of q
+        ratio = p / ops.where(q < epsilon, lifted, q)
+        zero = ops.cast(p == 0, p.dtype)
+        log_ratio = ops.log(ratio + zero)  # 0 where p = 0 (0 * log 0 = 0)
+        value = ops.sum(p * log_ratio, axis=axis, keepdims=True)
+        invalid = ops.any(ops.logical_not(q >= 0), axis=axis, keepdims=True)
+        value = ops.where(invalid, float("nan"), value)
+        if not derivatives:
+            return value, None, None
+        return value, log_ratio + (1.0 - zero), -ratio
+
+    # Where p = 0 the value does not depend on q: a derivative of 0 even in a NaN row.
+    return _with_closed_form(function, p, q, axis, exact_zeros=True)
 
 
 def _reverse_kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float) -> Tensor:
@@ -279,16 +305,24 @@ def _logaddexp(x: Tensor, y: Tensor) -> Tensor:
 class LogRatio(NamedTuple):
     """P and Q along one axis, brought to log space with their log ratio exact.
 
-    `log_p` is log P (P normalized from its log-weights, -inf where P = 0), `log_q` is log Q,
-    `log_ratio` is log(Q / P) (0 where P = 0), and `kl` is KL(P ‖ Q) per distribution (the
-    axis kept).
+    `log_p` is log P (P normalized from its log-weights, -inf where P = 0), `log_q` is log Q
+    and `q` is Q, `log_ratio` is log(Q / P) (0 where P = 0), `q_minus_p` is Q - P (exact
+    where the rows are close), and `kl` is KL(P ‖ Q) per distribution (the axis kept).
     """
 
     log_p: Tensor
     p: Tensor
     log_q: Tensor
+    q: Tensor
     log_ratio: Tensor
+    q_minus_p: Tensor
     kl: Tensor
+
+
+def _finite_peak(x: Tensor, axis: int) -> Tensor:
+    """The max of `x` along `axis` (kept), 0 where it is not finite, held out of derivatives."""
+    peak = ops.max(x, axis=axis, keepdims=True)
+    return ops.stop_gradient(ops.where(ops.isfinite(peak), peak, ops.zeros_like(peak)))
 
 
 def log_ratio(
@@ -310,13 +344,16 @@ def log_ratio(
     For small KL it is `S - (x - log1p(x))`, x = S + g, a series in x: the rounding in d̄
     cancels, and nothing is rounded in common between the rows (the shared log-sum-exp
     rounding that makes the usual log-softmax difference lose its digits at KL ≈ 1e-6).
-    Every exponential is taken of a log-probability (scaled by e^-M, M = max(0, max(log
-    p + u))), so no logit overflows anything. The centre and the scale are constants of
-    the formula (any value gives the same function), held out of the derivatives.
+    Two exponentials per entry, one of each row shifted by its max (so no logit overflows
+    anything): P's, and Q's numerators `e^((b - max b) / T)`, which are also `p * e^u` up
+    to a constant of the row, used where |u| >= 0.5 (the series is used below). Q - P
+    near u = 0 is `(p * (e^u - 1) - p * expm1(L)) * e^-L`, L = log(sum(p * e^u)), from
+    the same series, so it keeps its digits where the plain difference would lose them.
+    The centre and the scale are constants of the formula (any value gives the same
+    function), held out of the derivatives.
     """
-    peak = ops.max(target_log_weights, axis=axis, keepdims=True)
-    peak = ops.stop_gradient(ops.where(ops.isfinite(peak), peak, ops.zeros_like(peak)))
-    logits_peak = ops.stop_gradient(ops.max(logits, axis=axis, keepdims=True))
+    peak = _finite_peak(target_log_weights, axis)
+    logits_peak = _finite_peak(logits, axis)
     shifted = (target_log_weights - peak) / temperature
     exp_shifted = ops.exp(shifted)
     sum_exp = ops.sum(exp_shifted, axis=axis, keepdims=True)
@@ -329,19 +366,22 @@ def log_ratio(
     # Centred before dividing by T: hi - centre is exact where the rows are close, and a
     # difference of a row's constant divided by T would round in every entry.
     centre = ops.stop_gradient(ops.sum(p * hi, axis=axis, keepdims=True))
-    u = ops.where(masked, 0.0, ((hi - centre) + ops.where(masked, 0.0, lo)) / temperature)
-    # log(p * e^u) = (b - d̄) / T - logsumexp(a / T); where P = 0 from the row's peak.
-    stand_in = ((logits - peak) - centre) / temperature - log_sum
-    log_weighted = ops.where(masked, stand_in, log_p + u)
-    # The largest log(p * e^u), from the rows' maxima (no pass of its own).
-    scale = ((logits_peak - peak) - centre) / temperature - log_sum
+    u = ops.where(masked, 0.0, ((hi - centre) + lo) / temperature)
+    # Q's numerators; p * e^u = student * e^scale (where P = 0: the student's own mass).
+    student_shifted = (logits - logits_peak) / temperature
+    student = ops.exp(student_shifted)
+    student_sum = ops.sum(student, axis=axis, keepdims=True)
+    # log(max(p * e^u)), from the rows' maxima (no pass of its own).
+    # max b - max a split as hi + lo like d, so that d̄ is taken off it exactly.
+    peaks_hi, peaks_lo = _two_difference(logits_peak, peak)
+    scale = ((peaks_hi - centre) + peaks_lo) / temperature - log_sum
     usable = ops.logical_and(ops.isfinite(scale), scale > 0)
-    scale = ops.stop_gradient(ops.where(usable, scale, ops.zeros_like(scale)))
-    descale = ops.exp(-scale)
+    scaled = ops.stop_gradient(ops.where(usable, scale, ops.zeros_like(scale)))
+    descale = ops.exp(-scaled)
     near = ops.logical_and(ops.abs(u) < _SERIES_BELOW, ops.logical_not(masked))
     near_u = ops.where(near, u, 0.0)
-    near_terms = p * _phi_series(near_u)
-    far_terms = ops.exp(log_weighted - scale) - p * (1.0 + u) * descale
+    near_terms = p * _phi_series(near_u)  # p * (e^u - 1 - u)
+    far_terms = student * ops.exp(scale - scaled) - p * (1.0 + u) * descale
     terms = ops.where(near, near_terms * descale, far_terms)
     # Divided by sum(p), 1 but for the rounding of log P (one ulp of the log-sum-exp,
     # shared by the whole row), which would otherwise scale KL by 1 + that rounding.
@@ -349,25 +389,29 @@ def log_ratio(
     total = ops.sum(terms, axis=axis, keepdims=True) / weight
     drift = ops.sum(p * u, axis=axis, keepdims=True) / weight
     x = total + drift
-    scaled = scale > 0
-    log_total = ops.where(scaled, scale + ops.log(descale * (1.0 + drift) + total), ops.log1p(x))
-    small = ops.logical_and(ops.logical_not(scaled), ops.abs(x) < _SMALL_KL)
+    is_scaled = scaled > 0
+    log_total = ops.where(
+        is_scaled, scaled + ops.log(descale * (1.0 + drift) + total), ops.log1p(x)
+    )
+    small = ops.logical_and(ops.logical_not(is_scaled), ops.abs(x) < _SMALL_KL)
     psi = _polynomial(ops.where(small, x, 0.0), _PSI_COEFFICIENTS)
     kl = ops.where(small, total - psi, log_total - drift)
     # A student log-probability of -inf where the teacher has mass: KL is +inf.
     lost = ops.logical_and(logits == float("-inf"), p > 0)
     kl = ops.where(ops.any(lost, axis=axis, keepdims=True), float("inf"), kl)
     kl = ops.where(kl < 0, 0.0, kl)  # rounding below 0 (never in a test); NaN is kept
-    log_q = log_weighted - log_total
-    return LogRatio(log_p, p, log_q, ops.where(masked, 0.0, u - log_total), kl)
-
-
-def _q_minus_p(p: Tensor, q: Tensor, ell: Tensor) -> Tensor:
-    """`q - p` with ℓ = log(q / p): `p * expm1(ℓ)` where ℓ < 0.5 (exact for close rows, where
-    the plain difference would lose its digits), `q - p` elsewhere (no cancellation there, and
-    no overflow where p is tiny)."""
-    close = ops.logical_and(ell < _SERIES_BELOW, p > 0)
-    return ops.where(close, p * ops.expm1(ops.where(close, ell, 0.0)), q - p)
+    q = student / student_sum
+    log_q = student_shifted - ops.log(student_sum)
+    # Q - P = P (e^ℓ - 1), ℓ = u - L: (p (e^u - 1) - p expm1(L)) e^-L near u = 0 (L < log V
+    # in a row that is not scaled), the plain difference elsewhere (no cancellation there).
+    exact = ops.logical_and(near, ops.logical_not(is_scaled))
+    near_log_total = ops.where(is_scaled, 0.0, log_total)
+    close_difference = (near_terms + p * near_u - p * ops.expm1(near_log_total)) * ops.exp(
+        -near_log_total
+    )
+    q_minus_p = ops.where(exact, close_difference, q - p)
+    ell = ops.where(masked, 0.0, u - log_total)
+    return LogRatio(log_p, p, log_q, q, ell, q_minus_p, kl)
 
 
 def _kl_and_derivatives(
@@ -383,18 +427,21 @@ def _kl_and_derivatives(
     core = log_ratio(a, b, axis, temperature)
     if not derivatives:
         return core.kl, None, None
-    p, ell = core.p, core.log_ratio
-    difference = _q_minus_p(p, ops.exp(core.log_q), ell)
-    return core.kl, -p * (ell + core.kl) / temperature, difference / temperature
+    d_a = -core.p * (core.log_ratio + core.kl) / temperature
+    return core.kl, d_a, core.q_minus_p / temperature
 
 
 def _with_closed_form(
-    function: _kernels.ValueAndDerivatives, a: Tensor, b: Tensor, axis: int
+    function: _kernels.ValueAndDerivatives,
+    a: Tensor,
+    b: Tensor,
+    axis: int,
+    exact_zeros: bool = False,
 ) -> Tensor:
     """`function`'s value, differentiated by its closed form (`_kernels.with_derivatives`)."""
     if tuple(a.shape) != tuple(b.shape):
         a, b = a + ops.zeros_like(b), b + ops.zeros_like(a)
-    return _kernels.with_derivatives(function, a, b, axis)
+    return _kernels.with_derivatives(function, a, b, axis, exact_zeros)
 
 
 def exact_kl(a: Tensor, b: Tensor, axis: int, temperature: float = 1.0) -> Tensor:
@@ -511,7 +558,7 @@ def _target_mass(y_true: Tensor, axis: int) -> Tensor:
 def _against_target(y_true: Tensor, logits: Tensor, axis: int) -> _TargetRatio:
     log_p = _target_log_weights(y_true)
     core = log_ratio(log_p, logits, axis)
-    q = ops.exp(core.log_q)
+    q = core.q
     mass = _target_mass(y_true, axis)
     excess = mass - 1.0
     # log(q / p) of the plain (unnormalized) p: the normalized ratio less log(sum(p)).
@@ -578,7 +625,7 @@ def _floored_from_target(divergence: str, y_true: Tensor, logits: Tensor, axis: 
         if divergence == "reverse_kl":
             return value, -ops.where(q_is_zero, 0.0, ops.exp(gap)), t.q * (gap - value)
         reverse = ops.sum(t.q * gap, axis=axis, keepdims=True)
-        difference = _q_minus_p(t.p, t.q, t.log_ratio)
+        difference = t.core.q_minus_p - t.p * t.excess / t.mass  # q - y, y unnormalized
         d_logits = t.q * (gap - reverse) + t.q * t.excess + difference
         return value, -gap - difference / ops.exp(log_floor), d_logits
 
@@ -601,7 +648,7 @@ def _floored_distillation(
 
     def function(a: Tensor, b: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
         core = log_ratio(a, b, axis, temperature)
-        p, q = core.p, ops.exp(core.log_q)
+        p, q = core.p, core.q
         floored = core.log_p == float("-inf")
         log_floor = ops.where(floored, math.log(keras.config.epsilon()), core.log_p)
         value = _floored_terms(
@@ -611,7 +658,7 @@ def _floored_distillation(
             return value, None, None
         q_is_zero = core.log_q == float("-inf")
         gap = _log_gap(q_is_zero, core.log_q, log_floor, core.log_ratio, floored)
-        difference = _q_minus_p(p, q, core.log_ratio)
+        difference = core.q_minus_p
         reverse = value
         if divergence == "jeffreys":
             reverse = ops.sum(q * gap, axis=axis, keepdims=True)
@@ -695,7 +742,7 @@ def _jeffreys_on_logits(a: Tensor, b: Tensor, axis: int, beta: float, t: float) 
 def _jensen_shannon_on_logits(a: Tensor, b: Tensor, axis: int, beta: float, t: float) -> Tensor:
     """sum((1 - beta)·p·φ(log(m / p)) + beta·q·φ(log(m / q))), M = beta P + (1 - beta) Q."""
     core = log_ratio(a, b, axis, t)
-    p, q = core.p, ops.exp(core.log_q)
+    p, q = core.p, core.q
     terms = _jensen_shannon_terms(p, q, core.log_p, core.log_q, core.log_ratio, beta)
     return ops.sum(terms, axis=axis, keepdims=True)
 

@@ -3,8 +3,9 @@
 The log-sigmoids of binary KL have two forms (PyTorch's fused kernels, XLA's shared
 `log1p(exp(-|z|))`); each is forced here on the current backend, so both are checked
 against float64 on all three, and the two must give the same gradients. KL from logits
-has one form, differentiated by its closed form (`with_derivatives`): those derivatives
-must be the ones the backend's own autodiff traces through the core they replace.
+and on probabilities has one form, differentiated by its closed form (`with_derivatives`):
+those derivatives must be the ones the backend's own autodiff traces through the core they
+replace.
 """
 
 import keras
@@ -113,8 +114,9 @@ def as_target(teacher):
     return softmax(np.float64(teacher), axis=-1).astype("float32")
 
 
-# The functions whose first derivatives are closed forms: (a, b) -> per-row values, and
-# how the teacher side enters (logits, or probabilities made from them).
+# The functions whose first derivatives are closed forms: (a, b) -> per-row values, how
+# the teacher side enters (logits, or probabilities made from them) and, where it is not
+# logits, the student side.
 RULES = {
     **{
         f"LogitsDistillation {d} T={t}": (
@@ -135,18 +137,24 @@ RULES = {
             kl_keras.jeffreys_divergence,
         )
     },
+    # Probabilities on both sides.
+    "kl_divergence probabilities": (kl_keras.kl_divergence, as_target, as_target),
 }
 
 
 @pytest.mark.parametrize("kind", ["far", "close", "offset", "masked"])
 @pytest.mark.parametrize("name", list(RULES))
 def test_closed_form_derivatives_are_those_of_the_traced_core(monkeypatch, name, kind):
-    function, teacher_side = RULES[name]
+    function, teacher_side, *student_side = RULES[name]
     teacher, student = rule_inputs(kind)
     a = teacher_side(teacher)
+    if student_side:
+        student = student_side[0](student)
     value, (grad_a, grad_b) = value_and_grad(function, a, student)
     # The same value traced by the backend's own autodiff, derivatives and all.
-    monkeypatch.setattr(_kernels, "with_derivatives", lambda f, a, b, axis: f(a, b, False)[0])
+    monkeypatch.setattr(
+        _kernels, "with_derivatives", lambda f, a, b, axis, exact_zeros=False: f(a, b, False)[0]
+    )
     traced, (traced_a, traced_b) = value_and_grad(function, a, student)
     np.testing.assert_allclose(value, traced, rtol=1e-6)  # the same forward pass
     if kind == "masked" and teacher_side is as_target:
