@@ -313,15 +313,16 @@ def with_derivatives(
     derivatives by the cotangent of each row, forward mode sums them against the tangents,
     and second order differentiates `function`'s derivatives with the backend's own
     autodiff (so a closed form must itself be differentiable, as `keras.ops` are).
-    Vectorising maps see the same rule. With `exact_zeros`, an entry whose derivative is
-    exactly 0 (one the value does not depend on, as a probability target's zero) gets a
-    derivative of 0 whatever the cotangent, NaN included, as a `where` traced by the
-    backend would give it (for `b`, the prediction, only). Each backend registers it with
-    its own engine: a JAX `custom_jvp` (a symbolic zero tangent, an argument that is not
+    Vectorising maps see the same rule. With `exact_zeros`, an entry of `b` (the
+    prediction) whose derivative is exactly 0 (one the value does not depend on, as where a
+    probability target is 0) gets a derivative of 0 whatever the cotangent, NaN included, as
+    a `where` traced by the backend would give it. Each backend registers the rule with its
+    own engine: a JAX `custom_jvp` (a symbolic zero tangent, an argument that is not
     differentiated, leaves its derivative out); a PyTorch `autograd.Function` (forward AD,
     double backward, `torch.func`; a double backward recomputes the derivatives from the
-    inputs; the backward forms only the gradients asked for); a TensorFlow `custom_gradient` (a tape around the first one records the ops that compute
-    the derivatives, so nested tapes see them as functions of the inputs, eagerly, in
+    inputs; the backward forms only the gradients asked for); a TensorFlow
+    `custom_gradient` (a tape around the first one records the ops that compute the
+    derivatives, so nested tapes see them as functions of the inputs, eagerly, in
     `tf.function` and under XLA; `ForwardAccumulator` does not use the rule, it
     differentiates the forward ops).
     """

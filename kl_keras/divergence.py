@@ -169,9 +169,9 @@ def _kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float)
     d / d p = log(p / max(q, epsilon)) + 1, 0 where p = 0
     ```
 
-    Written for PyTorch's eager mode as much as for XLA: no `where` with a constant branch
-    (each is a full-size fill and select there). Below ε the floor is `q + stop_gradient(ε -
-    q)`, and a negative or NaN `q` makes its row NaN.
+    A negative or NaN `q` makes its row NaN (one check of the row), also where p = 0. No
+    `where` has a constant branch (in PyTorch's eager mode each is a full-size fill and
+    select): the 0·log 0 guard adds an indicator of p = 0 to the ratio.
     """
 
     def function(p: Tensor, q: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
@@ -180,8 +180,8 @@ def _kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float)
         ratio = p / ops.where(q < epsilon, lifted, q)
         zero = ops.cast(p == 0, p.dtype)
         log_ratio = ops.log(ratio + zero)  # 0 where p = 0 (0 * log 0 = 0)
-        value = ops.sum(p * log_ratio, axis=axis, keepdims=True)
         invalid = ops.any(ops.logical_not(q >= 0), axis=axis, keepdims=True)
+        value = ops.sum(p * log_ratio, axis=axis, keepdims=True)
         value = ops.where(invalid, float("nan"), value)
         if not derivatives:
             return value, None, None

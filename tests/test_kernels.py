@@ -172,3 +172,23 @@ def test_closed_form_derivatives_are_those_of_the_traced_core(monkeypatch, name,
     if kind == "masked":
         # Masked on both sides: no gradient through the student's masked entry.
         assert grad_b[0, 4] == 0.0 and np.all(np.isfinite(grad_b))
+
+
+def test_kl_on_probabilities_closed_form():
+    # The closed-form derivatives, the floor, zero targets and the NaN rule (a negative q
+    # makes its row NaN also where the target is 0, whose gradient stays 0).
+    q = softmax(np.float64(Z), axis=-1).astype("float32")
+    q[1, 3] = 0.0  # floored at epsilon
+    p, q = np.concatenate([P, P[:2]]), np.concatenate([q, q[:2]])
+    q[5, 2] = -0.1  # negative where the target is 0 (P[0, 2] = 0)
+    q[6, 0] = np.nan
+    values = keras.ops.convert_to_numpy(kl_keras.kl_divergence(p, q))
+    _, (grad_p, grad_q) = value_and_grad(kl_keras.kl_divergence, p, q)
+    floor = np.maximum(np.float64(q[:5]), ref.EPSILON)
+    np.testing.assert_allclose(values[:5], kl(np.float64(p[:5]), floor), rtol=2e-6)
+    np.testing.assert_allclose(grad_q[:5], -p[:5] / floor, rtol=2e-6)
+    log_ratio = np.log(np.where(p[:5] == 0, 1.0, p[:5] / floor))
+    np.testing.assert_allclose(grad_p[:5], np.where(p[:5] == 0, 0.0, log_ratio + 1), rtol=2e-6)
+    assert np.all(np.isnan(values[5:])) and np.all(np.isnan(grad_p[5:]))
+    assert grad_q[5, 2] == 0.0 and np.all(np.isnan(np.delete(grad_q[5], 2)))
+    assert np.all(np.isnan(grad_q[6]))
