@@ -152,7 +152,10 @@ def _complement_log_sum_exp(logits: Tensor, ids: Tensor, temperature: float) -> 
     count, k = ops.shape(rows)[0], flat_ids.shape[-1]
     row_index = ops.broadcast_to(ops.arange(count, dtype="int32")[:, None], ops.shape(flat_ids))
     indices = ops.reshape(ops.stack([row_index, flat_ids], axis=-1), (-1, 2))
-    chosen = ops.scatter(indices, ops.ones((count * k,)), (count, rows.shape[-1]))
+    # scatter_update, not scatter: Keras's PyTorch `scatter` loops over the indices in
+    # Python (one step per id, and no run on the meta device of a symbolic build).
+    zeros = ops.zeros((count, rows.shape[-1]))
+    chosen = ops.scatter_update(zeros, indices, ops.ones((count * k,)))
     rest = ops.where(chosen > 0, float("-inf"), rows / temperature)
     peak = ops.stop_gradient(ops.max(rest, axis=-1, keepdims=True))
     peak = ops.where(ops.isfinite(peak), peak, 0.0)
