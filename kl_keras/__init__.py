@@ -20,7 +20,7 @@ from kl_keras.losses import (
 from kl_keras.policy import PolicyKL, policy_kl, policy_kl_from_logits
 from kl_keras.regularizers import KLActivityRegularizer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BinaryKLDivergence",

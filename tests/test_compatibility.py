@@ -1,8 +1,9 @@
 """The compatibility promise: models saved by earlier kl_keras versions keep loading.
 
 `tests/fixtures/` holds `.keras` files written by `make_fixtures.py` with kl_keras
-0.1.0 and 0.2.0.dev0 (the KL family and its metric twins); each must load on every
-backend, with the same configs and the same numbers, in this and every later version.
+0.1.0, 0.2 (the KL family and its metric twins) and 0.3.0 (sequence distillation, top-k,
+policy KL); each must load on every backend, with the same configs and the same numbers, in
+this and every later version.
 Also: `model.export()` artifacts reload with `keras.layers.TFSMLayer` in a process where
 kl_keras cannot be imported.
 """
@@ -30,7 +31,12 @@ def _with_key(key):
 # with kl_keras layers (their configs and state under "layers").
 DISTILLERS = _with_key("distillation_losses")
 LAYERS = _with_key("layers")
-FIXTURES = [p for p in ALL_FIXTURES if p not in DISTILLERS + LAYERS]
+# 0.3: SequenceDistillers (each head form and mode) and models compiled with 0.3's losses.
+SEQUENCE_DISTILLERS = _with_key("sequence_distiller")
+COMPILED = _with_key("compiled_loss")
+FIXTURES = [
+    p for p in ALL_FIXTURES if p not in DISTILLERS + LAYERS + SEQUENCE_DISTILLERS + COMPILED
+]
 
 
 def test_there_are_fixtures():
@@ -123,6 +129,62 @@ def test_layer_fixture_loads_with_its_state_and_trains_on(path):
     np.testing.assert_allclose(
         to_numpy(layer.current_beta), to_numpy(layer.beta(expected["step"] + 1)), rtol=1e-6
     )
+
+
+def test_the_0_3_set_saves_every_new_saveable_object():
+    # Saved with the minimum Keras by 0.3.0: SequenceDistiller with Dense heads, padded
+    # vocabularies (callable heads) and without a teacher, TopKDistillation in both tails,
+    # PolicyKL. (AdaptiveKLController's β is a variable of the user's own model.)
+    saved = [json.loads(p.with_suffix(".json").read_text()) for p in SEQUENCE_DISTILLERS]
+    assert all(e["keras"].startswith("3.12") and e["kl_keras"] == "0.3.0" for e in saved)
+    configs = [e["sequence_distiller"] for e in saved]
+    assert any(c["vocabulary_size"] for c in configs)
+    assert {e["has_teacher"] for e in saved} == {True, False}
+    losses = [json.loads(p.with_suffix(".json").read_text())["compiled_loss"] for p in COMPILED]
+    tails = {c["config"]["tail"] for c in losses if c["class_name"] == "TopKDistillation"}
+    assert tails == {"bucket", "renormalize"}
+    assert any(c["class_name"] == "PolicyKL" for c in losses)
+
+
+@pytest.mark.parametrize("path", SEQUENCE_DISTILLERS, ids=[p.stem for p in SEQUENCE_DISTILLERS])
+def test_sequence_distiller_fixture_loads_and_trains_on(path):
+    expected = json.loads(path.with_suffix(".json").read_text())
+    distiller = keras.models.load_model(path)
+    config = distiller.get_config()
+    for key, value in expected["sequence_distiller"].items():
+        assert config[key] == value, key
+    assert (distiller.teacher is not None) == expected["has_teacher"]
+    x, y = np.array(expected["x"], "int32"), np.array(expected["y"])
+    weights = np.array(expected["sample_weight"], "float32")
+    np.testing.assert_allclose(
+        to_numpy(distiller.predict(x, verbose=0)), expected["hidden"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        to_numpy(distiller.student.predict(x, verbose=0)),
+        expected["student_logits"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    loss = float(to_numpy(distiller.compute_loss(x, y, None, weights, training=False)))
+    np.testing.assert_allclose(loss, expected["loss_value"], rtol=1e-5, atol=1e-7)
+    distiller.compile(keras.optimizers.Adam(1e-2))
+    history = distiller.fit(x, y, sample_weight=weights, epochs=1, verbose=0).history
+    assert np.all(np.isfinite(history["distillation_loss"]))
+
+
+@pytest.mark.parametrize("path", COMPILED, ids=[p.stem for p in COMPILED])
+def test_0_3_loss_fixture_loads_with_the_same_config_and_numbers(path):
+    expected = json.loads(path.with_suffix(".json").read_text())
+    model = keras.models.load_model(path)
+    assert keras.saving.serialize_keras_object(model.loss) == expected["compiled_loss"]
+    x, y = np.array(expected["x"]), np.array(expected["y"], "float32")
+    weights = np.array(expected["sample_weight"], "float32")
+    predictions = to_numpy(model.predict(x, verbose=0))
+    np.testing.assert_allclose(predictions, expected["predict"], rtol=1e-5, atol=1e-6)
+    value = float(to_numpy(model.loss(y, predictions, sample_weight=weights)))
+    np.testing.assert_allclose(value, expected["loss_value"], rtol=1e-5, atol=1e-7)
+    history = model.fit(x, y, sample_weight=weights, epochs=1, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history))
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
