@@ -171,8 +171,15 @@ def _kl_on_probabilities(p: Tensor, q: Tensor, axis: int, beta: float, t: float)
 
     A negative or NaN `q` makes its row NaN (one check of the row), also where p = 0. No
     `where` has a constant branch (in PyTorch's eager mode each is a full-size fill and
-    select): the 0·log 0 guard adds an indicator of p = 0 to the ratio.
+    select): the 0·log 0 guard adds an indicator of p = 0 to the ratio. On TensorFlow the
+    same value is traced instead (`_kernels.traces_as_fast`), through `_kl_terms`.
     """
+    if _kernels.traces_as_fast():
+        invalid = ops.any(ops.logical_not(q >= 0), axis=axis, keepdims=True)
+        # Added, not selected: the NaN cotangent of the row reaches every entry the value
+        # depends on, and the double `where` of `_kl_terms` keeps 0 where p = 0.
+        row_nan = ops.cast(ops.where(invalid, float("nan"), 0.0), q.dtype)
+        return ops.sum(_kl_terms(p, q), axis=axis, keepdims=True) + row_nan
 
     def function(p: Tensor, q: Tensor, derivatives: bool) -> tuple[Tensor, Any, Any]:
         epsilon = keras.config.epsilon()

@@ -175,13 +175,15 @@ def test_closed_form_derivatives_are_those_of_the_traced_core(monkeypatch, name,
 
 
 def test_kl_on_probabilities_closed_form():
-    # The closed-form derivatives, the floor, zero targets and the NaN rule (a negative q
-    # makes its row NaN also where the target is 0, whose gradient stays 0).
+    # The closed-form derivatives (traced on TensorFlow), the floor, zero targets and the
+    # NaN rule: a negative q makes its row NaN, also where the target is 0, and the
+    # gradient where the target is 0 (and q valid) stays 0.
     q = softmax(np.float64(Z), axis=-1).astype("float32")
     q[1, 3] = 0.0  # floored at epsilon
-    p, q = np.concatenate([P, P[:2]]), np.concatenate([q, q[:2]])
+    p, q = np.concatenate([P, P[:2], P[:1]]), np.concatenate([q, q[:2], q[:1]])
     q[5, 2] = -0.1  # negative where the target is 0 (P[0, 2] = 0)
     q[6, 0] = np.nan
+    q[7, 4] = -0.1  # negative where the target is not 0
     values = keras.ops.convert_to_numpy(kl_keras.kl_divergence(p, q))
     _, (grad_p, grad_q) = value_and_grad(kl_keras.kl_divergence, p, q)
     floor = np.maximum(np.float64(q[:5]), ref.EPSILON)
@@ -190,5 +192,5 @@ def test_kl_on_probabilities_closed_form():
     log_ratio = np.log(np.where(p[:5] == 0, 1.0, p[:5] / floor))
     np.testing.assert_allclose(grad_p[:5], np.where(p[:5] == 0, 0.0, log_ratio + 1), rtol=2e-6)
     assert np.all(np.isnan(values[5:])) and np.all(np.isnan(grad_p[5:]))
-    assert grad_q[5, 2] == 0.0 and np.all(np.isnan(np.delete(grad_q[5], 2)))
-    assert np.all(np.isnan(grad_q[6]))
+    assert np.all(np.isnan(np.delete(grad_q[5], 2))) and np.all(np.isnan(grad_q[6]))
+    assert grad_q[7, 2] == 0.0 and np.all(np.isnan(np.delete(grad_q[7], 2)))
