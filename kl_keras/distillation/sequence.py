@@ -80,7 +80,8 @@ def _projection_head(name: str, head: Any, hidden_size: int, dtype: str) -> _Hea
         )
 
     def project(rows: Tensor, *values: Tensor) -> Tensor:
-        logits = ops.matmul(ops.cast(rows, dtype), values[0])
+        # einsum, not matmul: Keras's PyTorch matmul returns float32 for float64 inputs.
+        logits = ops.einsum("nh,hv->nv", ops.cast(rows, dtype), values[0])
         return logits + values[1] if len(values) == 2 else logits
 
     return _Head(project, params, vocabulary_size)
